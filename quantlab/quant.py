@@ -1,0 +1,314 @@
+"""Quantization grids, round-to-nearest (RTN), bit-packing and byte accounting.
+
+Conventions (all stated in every results fingerprint):
+- Symmetric b-bit, ``grid='restricted'`` (default): codes in [-(2^(b-1)-1), 2^(b-1)-1], scale = absmax/qmax.
+  INT4 is [-7, 7]: one code is unused so the grid is symmetric around zero.
+- Symmetric, ``grid='full'``: codes in [-2^(b-1), 2^(b-1)-1], scale = 2*absmax/(2^b-1), the convention
+  of the reference GPTQ code and torchao (INT4 [-8, 7]).
+- Asymmetric: codes in [0, 2^b-1] with an integer zero point; the range always includes 0.
+- Scales are stored as float16 and rounded *up* to the next float16 value, so that no element falls
+  outside the grid after rounding; codes are computed against that stored scale, so ``dequantize()``
+  reproduces exactly what a deployed kernel would.
+- Groups are ``group_size`` consecutive input columns; the last group may be smaller (576 = 4*128 + 64).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+GRANULARITIES = ("tensor", "channel", "group")
+GRIDS = ("restricted", "full")
+FLOAT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """An integer weight-quantization scheme.
+
+    ``granularity`` defaults to ``'group'`` when ``group_size`` is given and ``'channel'`` otherwise.
+    """
+
+    bits: int
+    group_size: Optional[int] = None
+    granularity: Optional[str] = None
+    symmetric: bool = True
+    grid: str = "restricted"
+
+    def __post_init__(self):
+        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
+            raise ValueError(f"bits must be an integer in 2..8, got {self.bits!r}; "
+                             "use a float scheme (fp16/fp32) for higher precision")
+        if self.granularity is None:
+            object.__setattr__(self, "granularity", "group" if self.group_size is not None else "channel")
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"granularity must be one of {', '.join(GRANULARITIES)}, got {self.granularity!r}")
+        if self.granularity == "group":
+            if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 1:
+                raise ValueError(f"granularity 'group' needs group_size, a positive integer (e.g. 64 or 128), "
+                                 f"got {self.group_size!r}")
+        elif self.group_size is not None:
+            raise ValueError(f"group_size={self.group_size} only applies to granularity 'group'; "
+                             f"drop it or set granularity: group (got granularity {self.granularity!r})")
+        if self.grid not in GRIDS:
+            raise ValueError(f"grid must be 'restricted' or 'full', got {self.grid!r}")
+        if not isinstance(self.symmetric, bool):
+            raise ValueError(f"symmetric must be true or false, got {self.symmetric!r}")
+        if not self.symmetric and self.grid != "restricted":
+            raise ValueError("grid applies to symmetric schemes only; asymmetric always uses [0, 2^bits-1]")
+
+    @property
+    def qmin(self) -> int:
+        if not self.symmetric:
+            return 0
+        return -(2 ** (self.bits - 1)) if self.grid == "full" else -(2 ** (self.bits - 1) - 1)
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** self.bits - 1 if not self.symmetric else 2 ** (self.bits - 1) - 1
+
+    def describe(self) -> str:
+        where = {"tensor": "per tensor", "channel": "per channel", "group": f"group {self.group_size}"}
+        kind = f"sym [{self.qmin}, {self.qmax}]" if self.symmetric else f"asym [0, {self.qmax}]"
+        return f"INT{self.bits} {where[self.granularity]} {kind}, float16 scales"
+
+
+@dataclass(frozen=True)
+class FloatScheme:
+    """Weights kept in a floating-point dtype (the baseline and half-precision schemes)."""
+
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        if self.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(FLOAT_DTYPES)}, got {self.dtype!r}")
+
+    @property
+    def bits(self) -> int:
+        return torch.finfo(FLOAT_DTYPES[self.dtype]).bits
+
+    def describe(self) -> str:
+        return self.dtype
+
+
+PRESETS = {
+    "fp32": FloatScheme("float32"),
+    "fp16": FloatScheme("float16"),
+    "int8-per-tensor": Scheme(8, granularity="tensor"),
+    "int8-per-channel": Scheme(8, granularity="channel"),
+    "int4-g64": Scheme(4, group_size=64),
+    "int4-g128": Scheme(4, group_size=128),
+}
+
+
+def preset(name: str):
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown scheme preset {name!r}; known: {', '.join(PRESETS)}") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# Pure numerics
+
+
+def group_index(in_features: int, scheme: Scheme) -> torch.Tensor:
+    """Group of each input column in natural order: (in,) int64. Tensor/channel: one group."""
+    if scheme.granularity == "group":
+        return torch.arange(in_features) // scheme.group_size
+    return torch.zeros(in_features, dtype=torch.long)
+
+
+def fp16_ceil(x: torch.Tensor) -> torch.Tensor:
+    """Round non-negative float32 values up to the nearest float16 (0 stays 0; tiny values become the
+    smallest positive float16). Rounding up guarantees |W| / scale never exceeds the grid."""
+    if (x > torch.finfo(torch.float16).max).any():
+        raise ValueError("a quantization scale exceeds the float16 range (weights with |w| > ~4e5); "
+                         "rescale the weights or keep this layer in floating point")
+    h = x.to(torch.float16)
+    too_small = h.to(torch.float32) < x
+    # For positive float16, the next representable value is the next integer bit pattern.
+    bumped = (h.view(torch.int16) + 1).view(torch.float16)
+    return torch.where(too_small, bumped, h)
+
+
+def compute_scales(W: torch.Tensor, scheme: Scheme, g_idx: Optional[torch.Tensor] = None):
+    """Scales (float16) and zero points for W (out, in): each (rows, n_groups) where rows is 1 for a
+    per-tensor scheme and ``out`` otherwise. ``g_idx`` maps input columns to groups (default: natural
+    order). Zero points are None for symmetric schemes."""
+    W = W.detach().to(torch.float32)
+    if g_idx is None:
+        g_idx = group_index(W.shape[1], scheme)
+    n_groups = int(g_idx.max()) + 1 if g_idx.numel() else 1
+    rows = 1 if scheme.granularity == "tensor" else W.shape[0]
+    Wr = W.reshape(1, -1) if scheme.granularity == "tensor" else W
+    gi = g_idx.repeat(W.shape[0]) if scheme.granularity == "tensor" else g_idx
+    index = gi.expand(rows, -1)
+    # Per-group min and max via scatter_reduce: groups need not be contiguous (act-order g_idx).
+    wmax = torch.zeros(rows, n_groups).scatter_reduce(1, index, Wr, "amax", include_self=True)
+    wmin = torch.zeros(rows, n_groups).scatter_reduce(1, index, Wr, "amin", include_self=True)
+    if scheme.symmetric:
+        absmax = torch.maximum(wmax, -wmin)
+        levels = scheme.qmax if scheme.grid == "restricted" else (2 ** scheme.bits - 1) / 2
+        return fp16_ceil(absmax / levels), None
+    # include_self=True with a zero start keeps 0 inside [wmin, wmax], so zero is exactly representable.
+    scales = fp16_ceil((wmax - wmin) / scheme.qmax)
+    safe = torch.where(scales > 0, scales.to(torch.float32), torch.ones_like(wmax))
+    zeros = torch.clamp(torch.round(-wmin / safe), 0, scheme.qmax)
+    return scales, zeros.to(torch.int16)
+
+
+def expand(per_group: torch.Tensor, g_idx: torch.Tensor, shape) -> torch.Tensor:
+    """Broadcast (rows, n_groups) values to every weight of a (out, in) matrix."""
+    return per_group[:, g_idx].expand(shape)
+
+
+def quantize(x: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor], qmin: int, qmax: int) -> torch.Tensor:
+    """Integer codes of x on the grid [qmin, qmax]: clamp(round(x / scale) + zero). A zero scale (an
+    all-zero group) gives code ``zero`` (0 when symmetric), never NaN."""
+    s = scale.to(torch.float32)
+    q = torch.round(torch.where(s > 0, x / torch.where(s > 0, s, 1.0), 0.0))
+    if zero is not None:
+        q = q + zero.to(torch.float32)
+    return torch.clamp(q, qmin, qmax).to(torch.int8 if qmin < 0 or qmax < 128 else torch.int16)
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor]) -> torch.Tensor:
+    """Float32 weights from codes: (codes - zero) * scale."""
+    q = codes.to(torch.float32)
+    if zero is not None:
+        q = q - zero.to(torch.float32)
+    return q * scale.to(torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Bit-packing
+
+
+def pack(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack unsigned integers in [0, 2^bits) into a little-endian bitstream: ceil(n*bits/8) uint8."""
+    if not 1 <= bits <= 8:
+        raise ValueError(f"bits must be in 1..8, got {bits}")
+    v = values.reshape(-1).to(torch.int64)
+    if v.numel() and (v.min() < 0 or v.max() >= 2 ** bits):
+        raise ValueError(f"values to pack must lie in [0, {2 ** bits - 1}]")
+    bit_planes = (v.unsqueeze(1) >> torch.arange(bits)) & 1  # (n, bits), least significant first
+    stream = bit_planes.reshape(-1)
+    pad = (-stream.numel()) % 8
+    stream = torch.cat([stream, stream.new_zeros(pad)]).reshape(-1, 8)
+    return (stream << torch.arange(8)).sum(dim=1).to(torch.uint8)
+
+
+def unpack(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
+    """Inverse of ``pack``: the first ``numel`` values, as int64."""
+    stream = ((packed.to(torch.int64).unsqueeze(1) >> torch.arange(8)) & 1).reshape(-1)
+    planes = stream[: numel * bits].reshape(numel, bits)
+    return (planes << torch.arange(bits)).sum(dim=1)
+
+
+def packed_nbytes(numel: int, bits: int) -> int:
+    return (numel * bits + 7) // 8
+
+
+# ----------------------------------------------------------------------------------------------
+# The quantized tensor
+
+
+@dataclass
+class QTensor:
+    """A quantized (out, in) weight matrix.
+
+    codes:  (out, in) integers on the scheme's grid.
+    scales: (rows, n_groups) float16; rows is 1 per tensor, ``out`` otherwise.
+    zeros:  like scales, integers in [0, 2^bits-1]; None when symmetric.
+    g_idx:  (in,) group of each input column; None in natural order (not stored, not counted).
+    """
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    zeros: Optional[torch.Tensor]
+    scheme: Scheme
+    g_idx: Optional[torch.Tensor] = None
+    shape: tuple = field(init=False)
+
+    def __post_init__(self):
+        self.shape = tuple(self.codes.shape)
+
+    def group_of_column(self) -> torch.Tensor:
+        return self.g_idx if self.g_idx is not None else group_index(self.shape[1], self.scheme)
+
+    def dequantize(self) -> torch.Tensor:
+        g = self.group_of_column()
+        zeros = None if self.zeros is None else expand(self.zeros, g, self.shape)
+        return dequantize(self.codes, expand(self.scales, g, self.shape), zeros)
+
+    def packed_codes(self) -> torch.Tensor:
+        return pack(self.codes.to(torch.int64) - self.scheme.qmin, self.scheme.bits)
+
+    @property
+    def nbytes(self) -> int:
+        """Deployable bytes: codes packed at ``bits`` + float16 scales + zeros packed at ``bits`` +
+        g_idx as int32 when the columns were reordered."""
+        n = packed_nbytes(self.codes.numel(), self.scheme.bits) + 2 * self.scales.numel()
+        if self.zeros is not None:
+            n += packed_nbytes(self.zeros.numel(), self.scheme.bits)
+        if self.g_idx is not None:
+            n += 4 * self.g_idx.numel()
+        return n
+
+
+def quantize_rtn(W: torch.Tensor, scheme: Scheme, g_idx: Optional[torch.Tensor] = None) -> QTensor:
+    """Round-to-nearest quantization of W (out, in). W is not modified."""
+    if W.dim() != 2:
+        raise ValueError(f"quantize_rtn expects a 2-D (out, in) weight, got shape {tuple(W.shape)}")
+    W = W.detach().to(torch.float32)
+    if not torch.isfinite(W).all():
+        raise ValueError("weight contains NaN or Inf; it cannot be quantized")
+    g = g_idx if g_idx is not None else group_index(W.shape[1], scheme)
+    scales, zeros = compute_scales(W, scheme, g)
+    codes = quantize(W, expand(scales, g, W.shape), None if zeros is None else expand(zeros, g, W.shape),
+                     scheme.qmin, scheme.qmax)
+    return QTensor(codes, scales, zeros, scheme, g_idx)
+
+
+def expected_nbytes(out_features: int, in_features: int, scheme, reordered: bool = False) -> int:
+    """Closed-form deployable bytes of one (out, in) weight under ``scheme``."""
+    if isinstance(scheme, FloatScheme):
+        return out_features * in_features * scheme.bits // 8
+    if scheme.granularity == "tensor":
+        n_scales = 1
+    elif scheme.granularity == "channel":
+        n_scales = out_features
+    else:
+        n_scales = out_features * math.ceil(in_features / scheme.group_size)
+    n = packed_nbytes(out_features * in_features, scheme.bits) + 2 * n_scales
+    if not scheme.symmetric:
+        n += packed_nbytes(n_scales, scheme.bits)
+    if reordered:
+        n += 4 * in_features
+    return n
+
+
+def model_bytes(model: torch.nn.Module, linear_bytes: dict, keep_dtype=torch.float16) -> dict:
+    """Bytes of a deployable model: Linear weights as given in ``linear_bytes`` (module name -> bytes,
+    e.g. QTensor.nbytes), every other parameter (embeddings, norms, biases, lm_head unless listed)
+    stored in ``keep_dtype``. Tied parameters are counted once.
+
+    Returns {"bytes_linear", "bytes_total", "params_linear"}.
+    """
+    counted = set()
+    bytes_linear = params_linear = 0
+    for name in linear_bytes:
+        weight = model.get_submodule(name).weight
+        counted.add(id(weight))
+        bytes_linear += int(linear_bytes[name])
+        params_linear += weight.numel()
+    other = 0
+    elem = torch.finfo(keep_dtype).bits // 8
+    for p in model.parameters():
+        if id(p) not in counted:
+            counted.add(id(p))
+            other += p.numel() * elem
+    return {"bytes_linear": bytes_linear, "bytes_total": bytes_linear + other, "params_linear": params_linear}
