@@ -1,16 +1,97 @@
-"""The `quantlab` command line."""
+"""The `quantlab` command line: run, validate, and list models and datasets — the same engine as the
+pytest plugin, without pytest."""
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
+from pathlib import Path
 
 from quantlab import __version__
+
+
+def _spec_paths(paths) -> list:
+    """Files as given; folders expanded to their *.yaml / *.yml files, sorted."""
+    out = []
+    for p in map(Path, paths):
+        out += sorted(q for q in p.rglob("*") if q.suffix in (".yaml", ".yml")) if p.is_dir() else [p]
+    return out
+
+
+def cmd_validate(args) -> int:
+    from quantlab.spec import SpecError, load_spec
+
+    failed = 0
+    for path in _spec_paths(args.specs):
+        try:
+            spec = load_spec(path)
+            print(f"ok    {path}: {spec.name}, {len(spec.schemes)} schemes, {len(spec.expect)} assertions")
+        except SpecError as e:
+            failed += 1
+            print(f"error {e}")
+    return 1 if failed else 0
+
+
+def cmd_run(args) -> int:
+    from quantlab.pipeline import run
+    from quantlab.report import interpretation, metrics_table_text
+    from quantlab.spec import SpecError, check, load_spec
+
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    status = 0
+    for path in _spec_paths(args.specs):
+        try:
+            spec = load_spec(path)
+        except SpecError as e:
+            print(f"error {e}", file=sys.stderr)
+            status = 1
+            continue
+        out = Path(args.out) / spec.name
+        results = run(spec, out_dir=out, use_cache=not args.no_cache, progress=not args.quiet)
+        print(f"\n== {spec.name} ({results['seconds']:.1f} s) -> {out}")
+        print(metrics_table_text(results))
+        for sentence in interpretation(results, spec.report.memory_budget_bytes):
+            print(f"  * {sentence}")
+        for exp in spec.expect:
+            outcome = check(exp, results, spec)
+            mark = "PASS " if outcome.passed else ("XFAIL" if exp.xfail else "FAIL ")
+            if not outcome.passed and not exp.xfail:
+                status = 1
+            print(f"  {mark} {outcome.message}")
+    return status
+
+
+def cmd_models(args) -> int:
+    from quantlab.models import list_models
+
+    for name, description in list_models().items():
+        print(f"{name:24s} {description}")
+    return 0
+
+
+def cmd_datasets(args) -> int:
+    from quantlab.data import list_datasets
+
+    for name, description in list_datasets().items():
+        print(f"{name:24s} {description}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="quantlab", description=__doc__)
     parser.add_argument("--version", action="version", version=f"quantlab {__version__}")
-    parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    p = sub.add_parser("run", help="run specs: results.json, manifest.json and plots per spec")
+    p.add_argument("specs", nargs="+", help="spec files or folders")
+    p.add_argument("--out", default=".quantlab/out", help="output folder (default: .quantlab/out)")
+    p.add_argument("--no-cache", action="store_true", help="recompute instead of reusing cached results")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or log lines")
+    p.set_defaults(func=cmd_run)
+    p = sub.add_parser("validate", help="check specs without running them")
+    p.add_argument("specs", nargs="+")
+    p.set_defaults(func=cmd_validate)
+    sub.add_parser("models", help="list the models quantlab can load").set_defaults(func=cmd_models)
+    sub.add_parser("datasets", help="list the datasets and tasks").set_defaults(func=cmd_datasets)
     return parser
 
 
@@ -20,7 +101,7 @@ def main(argv=None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    return 0
+    return args.func(args)
 
 
 if __name__ == "__main__":

@@ -1,18 +1,266 @@
-"""quantlab's pytest plugin: turns specs/**/*.yaml into tests. Registered via the pytest11 entry point.
+"""quantlab's pytest plugin: every spec under specs/ (or passed on the command line) becomes tests.
 
-Heavy imports (torch, the engine) happen inside functions so `pytest --help` stays fast.
+Each spec file is a collector whose items are real ``pytest.Function`` objects, so they get fixtures
+like any test: its assertions (one item per assertion per scheme), its golden checks (pytest-regressions'
+``num_regression``) and its report entry (pytest-html's ``extras``). The expensive run (calibrate,
+quantize, evaluate) happens once per spec per session, on the first item that needs it, and is cached
+on disk by the pipeline. Heavy imports happen inside functions so ``pytest --help`` stays fast.
 """
 from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+_RUNS = pytest.StashKey[dict]()
 
 
 def pytest_addoption(parser):
     group = parser.getgroup("quantlab", "quantlab quantization specs")
     group.addoption("--quantlab-no-cache", action="store_true", default=False,
-                    help="recompute every spec run instead of reusing cached results")
-    group.addoption("--quantlab-out", metavar="DIR", default=None,
-                    help="directory for results.json, manifest.json and plots (default: .quantlab/out)")
+                    help="recompute every scheme instead of reusing cached results")
+    group.addoption("--quantlab-out", metavar="DIR", default=".quantlab/out",
+                    help="directory for each spec's results.json, manifest.json and plots (default: .quantlab/out)")
+    group.addoption("--quantlab-progress", action="store_true", default=False,
+                    help="show progress bars and log lines while specs run")
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "real_model: needs the SmolLM2-135M GGUF (pip-fetched into the cache)")
     config.addinivalue_line("markers", "quantlab_spec: a test generated from a quantlab YAML spec")
+    config.stash[_RUNS] = {}
+    if config.pluginmanager.hasplugin("html"):
+        config.pluginmanager.register(_HtmlHooks(), "quantlab-html")
+        if getattr(config.option, "htmlpath", None):
+            config.option.self_contained_html = True  # plots are embedded: keep the report one file
+    if config.pluginmanager.hasplugin("metadata"):
+        from pytest_metadata.plugin import metadata_key
+
+        import quantlab
+
+        config.stash[metadata_key]["quantlab"] = quantlab.__version__
+
+
+class _HtmlHooks:
+    @staticmethod
+    def pytest_html_report_title(report):
+        report.title = "quantlab quantization report"
+
+
+def pytest_collect_file(file_path: Path, parent):
+    if file_path.suffix not in (".yaml", ".yml"):
+        return None
+    if "specs" in file_path.parts or parent.session.isinitpath(file_path):
+        return SpecFile.from_parent(parent, path=file_path)
+    return None
+
+
+class SpecCollectionError(Exception):
+    """A malformed spec: reported as its one-line, located message, without a traceback."""
+
+
+class SpecFile(pytest.File):
+    def collect(self):
+        from quantlab.spec import SpecError, load_spec
+
+        try:
+            spec = load_spec(self.path)
+        except SpecError as e:
+            raise SpecCollectionError(str(e)) from None
+        self.spec = spec
+        marks = [pytest.mark.quantlab_spec] + [getattr(pytest.mark, m) for m in spec.markers]
+        seen = set()
+        for exp in spec.expect:
+            name = exp.id.replace(" ", "")
+            if name in seen:
+                name = f"{name}@line{exp.line}"
+            seen.add(name)
+            item = SpecFunction.from_parent(self, name=name, callobj=_assertion_test(spec, exp))
+            item.spec_line = exp.line
+            if exp.xfail:
+                item.add_marker(pytest.mark.xfail(strict=True, reason=exp.xfail))
+            yield _marked(item, marks)
+        if spec.golden is not None:
+            yield _marked(SpecFunction.from_parent(self, name="golden-metrics", callobj=_golden_metrics_test(spec)), marks)
+            if spec.golden.layers is not None:
+                yield _marked(SpecFunction.from_parent(self, name="golden-layers", callobj=_golden_layers_test(spec)), marks)
+        yield _marked(SpecFunction.from_parent(self, name="report", callobj=_report_test(spec)), marks)
+
+    def repr_failure(self, excinfo):
+        if isinstance(excinfo.value, SpecCollectionError):
+            return str(excinfo.value)
+        return super().repr_failure(excinfo)
+
+
+def _marked(item, marks):
+    for mark in marks:
+        item.add_marker(mark)
+    return item
+
+
+class SpecFunction(pytest.Function):
+    """A test generated from a spec; it reports the spec file and line as its location."""
+
+    spec_line = None
+
+    def reportinfo(self):
+        return self.path, (self.spec_line or 1) - 1, f"{self.parent.spec.name}::{self.name}"
+
+
+# ---------------------------------------------------------------------------------------------
+# The shared run
+
+
+def spec_results(config, spec):
+    """The spec's Results, computed on first use and shared by all its items."""
+    __tracebackhide__ = True
+    runs = config.stash[_RUNS]
+    if spec.source not in runs:
+        try:
+            runs[spec.source] = _run(config, spec)
+        except Exception as e:  # a run that cannot happen fails every item of the spec, once
+            runs[spec.source] = e
+    outcome = runs[spec.source]
+    if isinstance(outcome, Exception):
+        from quantlab.spec import SpecError
+
+        if isinstance(outcome, (SpecError, FileNotFoundError, ValueError, RuntimeError)):
+            pytest.fail(f"{spec.source}: the spec could not run: {outcome}", pytrace=False)
+        raise outcome
+    return outcome
+
+
+def _run(config, spec):
+    import logging
+
+    from quantlab.pipeline import run
+
+    progress = config.getoption("quantlab_progress")
+    if progress:
+        logging.getLogger("quantlab").setLevel(logging.INFO)
+    return run(spec, use_cache=not config.getoption("quantlab_no_cache"), progress=progress)
+
+
+def out_dir(config, spec) -> Path:
+    return Path(config.getoption("quantlab_out")) / spec.name
+
+
+# ---------------------------------------------------------------------------------------------
+# Test bodies (closures, so each generated item is an ordinary test function with fixtures)
+
+
+def _assertion_test(spec, exp):
+    def test_assertion(request):
+        __tracebackhide__ = True
+        from quantlab.spec import check
+
+        outcome = check(exp, spec_results(request.config, spec), spec)
+        print(outcome.message)
+        if not outcome.passed:
+            pytest.fail(outcome.message, pytrace=False)
+
+    return test_assertion
+
+
+def golden_root(spec) -> Path:
+    """golden/<spec name>/ beside the specs/ folder the spec lives in (the project root)."""
+    parts = Path(spec.source).resolve().parts
+    if "specs" in parts:
+        root = Path(*parts[: len(parts) - 1 - parts[::-1].index("specs")])
+        return root / "golden" / spec.name
+    return Path("golden") / spec.name
+
+
+def _check_fingerprint(request, spec, results) -> None:
+    """Refuse to compare against golden files recorded under another evaluation protocol."""
+    __tracebackhide__ = True
+    from quantlab.report import write_json
+
+    path = golden_root(spec) / "fingerprint.json"
+    current = {"fingerprint": results["fingerprint"],
+               "layers": sorted({n for r in results["results"].values() for n in (r.get("layers") or {})})}
+    current = json.loads(json.dumps(current))
+    if path.is_file() and not request.config.getoption("force_regen"):
+        recorded = json.loads(path.read_text())
+        if recorded != current:
+            diffs = _differences(recorded, current)
+            pytest.fail(f"{spec.source}: golden files in {path.parent} were recorded under a different evaluation "
+                        f"protocol ({'; '.join(diffs[:5])}); these numbers are not comparable, so this is not "
+                        f"reported as drift: re-record with --force-regen if the change is intended", pytrace=False)
+        return
+    write_json(path, current)
+
+
+def _differences(old, new, prefix="") -> list:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for k in sorted(set(old) | set(new), key=str):
+            out += _differences(old.get(k), new.get(k), f"{prefix}{k}.")
+        return out
+    return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
+
+
+def _nan(v):
+    return float("nan") if v is None else float(v)
+
+
+def _golden_metrics_test(spec):
+    def test_golden_metrics(request, num_regression):
+        __tracebackhide__ = True
+        from quantlab.spec import metric_value
+
+        results = spec_results(request.config, spec)
+        _check_fingerprint(request, spec, results)
+        failures = []
+        for metric in spec.golden.metrics:
+            data = {scheme: [_nan(metric_value(results, scheme, metric))] for scheme in spec.schemes}
+            tolerance = {**spec.golden.default_tolerance, **spec.golden.tolerances.get(metric, {})}
+            try:
+                num_regression.check(data, fullpath=golden_root(spec) / f"{metric}.csv",
+                                     default_tolerance=tolerance)
+            except AssertionError as e:
+                failures.append(f"{metric} (tolerance {tolerance}):\n{e}")
+        if failures:
+            pytest.fail(f"{spec.source}: golden drift beyond tolerance\n\n" + "\n\n".join(failures), pytrace=False)
+
+    return test_golden_metrics
+
+
+def _golden_layers_test(spec):
+    def test_golden_layers(request, num_regression):
+        __tracebackhide__ = True
+        results = spec_results(request.config, spec)
+        _check_fingerprint(request, spec, results)
+        metric = spec.golden.layers["metric"]
+        tolerance = {k: v for k, v in spec.golden.layers.items() if k in ("rtol", "atol")}
+        layer_names = sorted({n for r in results["results"].values() for n in (r.get("layers") or {})})
+        data = {scheme: [_nan((r.get("layers") or {}).get(n, {}).get(metric)) for n in layer_names]
+                for scheme, r in results["results"].items() if r.get("layers")}
+        try:
+            num_regression.check(data, fullpath=golden_root(spec) / f"layers_{metric}.csv",
+                                 default_tolerance={**spec.golden.default_tolerance, **tolerance})
+        except AssertionError as e:
+            rows = "\n".join(f"  row {i}: {n}" for i, n in enumerate(layer_names))
+            pytest.fail(f"{spec.source}: per-layer {metric} drifted beyond tolerance\n{e}\nrows:\n{rows}", pytrace=False)
+
+    return test_golden_layers
+
+
+def _report_test(spec):
+    def test_report(request, extras):
+        __tracebackhide__ = True
+        import pytest_html
+
+        from quantlab.report import html_section, write_report_files
+
+        results = spec_results(request.config, spec)
+        paths = write_report_files(results, out_dir(request.config, spec), spec.report.plots)
+        images = {name: p for name, p in paths.items() if str(p).endswith(".png")}
+        extras.append(pytest_html.extras.html(html_section(results, images)))
+        missing = [p for p in paths.values() if not Path(p).is_file()]
+        assert not missing, f"report files were not written: {missing}"
+        written = json.loads(Path(paths["results.json"]).read_text())
+        assert set(written["results"]) == set(spec.schemes), "results.json lacks schemes of the spec"
+
+    return test_report
