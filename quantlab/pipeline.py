@@ -133,10 +133,21 @@ class SpecRun:
             cache[c.dataset] = self.model.encode(load_text(c.dataset, "train"))
         return calibration_windows(cache[c.dataset], c.samples, c.seq_len, spec.seed)
 
+    def heldout(self, spec: Spec) -> Optional[torch.Tensor]:
+        """Validation-split windows on which each layer's error is also measured (None when off)."""
+        from quantlab.data import calibration_windows
+
+        c = spec.calibration
+        if c.heldout_samples == 0:
+            return None
+        tokens = self._eval_tokens_for(c.dataset, "validation")
+        return calibration_windows(tokens, c.heldout_samples, c.seq_len, spec.seed + 1)
+
     def tasks(self, spec: Spec) -> dict:
         from quantlab.data import load_task
 
-        return {name: load_task(name) for name in spec.evaluation.tasks}
+        limit = spec.evaluation.task_items
+        return {name: load_task(name)[:limit] for name in spec.evaluation.tasks}
 
     def plan(self, spec: Spec):
         from quantlab.evaluate import EvalPlan
@@ -200,7 +211,8 @@ class SpecRun:
         quantized = quantize_model(
             self.model, scheme, calibration, method="rtn" if cfg.method == "float" else cfg.method,
             damp=cfg.damp, block_size=cfg.block_size, act_order=cfg.act_order, static_groups=cfg.static_groups,
-            batch_size=spec.calibration.batch_size, progress=self.progress)
+            batch_size=spec.calibration.batch_size, heldout=self.heldout(spec) if calibration is not None else None,
+            progress=self.progress)
         if cfg.method != "float":
             round_kept_modules(quantized.model, set(quantized.qtensors), spec.keep)
         return quantized
@@ -213,6 +225,7 @@ class SpecRun:
             log.info("%s: cached", name)
             return cached
         from quantlab.evaluate import evaluate
+        from quantlab.report import decode_workload
 
         log.info("%s: quantizing (%s)", name, cfg.quant_scheme().describe())
         started = time.perf_counter()
@@ -232,12 +245,14 @@ class SpecRun:
             "quantize_seconds": quantize_seconds,
             "params_linear": bytes_info["params_linear"],
             "params_total": bytes_info["params_total"],
+            "workload": decode_workload(quantized.model.module),
             "codes": ({"min": min(l["code_min"] for l in layers.values() if "code_min" in l),
                        "max": max(l["code_max"] for l in layers.values() if "code_max" in l)}
                       if quantized.qtensors else None),
             "layers": layers,
             "mean_rel_loss": _mean(l.get("rel_loss") for l in layers.values()),
             "mean_rtn_rel_loss": _mean(l.get("rtn_rel_loss") for l in layers.values()),
+            "mean_heldout_rel_loss": _mean(l.get("heldout_rel_loss") for l in layers.values()),
             "health": [{"layer": h.get("layer"), "event": h["event"], "detail": h.get("detail", "")}
                        for h in quantized.health],
             "wall_seconds": time.perf_counter() - started,
@@ -323,7 +338,7 @@ def deployable_bytes(quantized, scheme, keep) -> dict:
 def run(spec, *, out_dir=None, use_cache: bool = True, cache_dir=None, progress: bool = False) -> Results:
     """Run a spec (a path, a dict or a Spec) and return its Results; with ``out_dir``, also write
     results.json, manifest.json and the plots there."""
-    from quantlab.report import manifest
+    from quantlab.report import manifest, measure_machine
 
     spec = as_spec(spec)
     started = time.perf_counter()
@@ -358,7 +373,8 @@ def run(spec, *, out_dir=None, use_cache: bool = True, cache_dir=None, progress:
         "source": spec.source,
         "seed": spec.seed,
         "baseline": spec.baseline,
-        "model": {"name": spec.model, "params_linear": first.get("params_linear"), "params_total": first.get("params_total")},
+        "model": {"name": spec.model, "params_linear": first.get("params_linear"),
+                  "params_total": first.get("params_total"), **(first.get("workload") or {})},
         "fingerprint": _cached_fingerprint(runner, spec),
         "schemes": {name: cfg.describe() for name, cfg in spec.schemes.items()},
         "results": per_scheme,
@@ -367,12 +383,22 @@ def run(spec, *, out_dir=None, use_cache: bool = True, cache_dir=None, progress:
         "report": {"plots": spec.report.plots, "memory_budget_bytes": spec.report.memory_budget_bytes,
                    "memory_budget_label": spec.report.memory_budget_label},
         "seconds": time.perf_counter() - started,
-        **manifest(spec.name, spec.sha256, spec.seed),
     })
+    run_manifest = manifest(spec.name, spec.sha256, spec.seed)
+    results.update(versions=run_manifest["versions"], git=run_manifest["git"], timestamp=run_manifest["timestamp"],
+                   machine={**run_manifest["machine"], **measure_machine()}, manifest=run_manifest)
     if out_dir is not None:
-        from quantlab.report import write_report_files
+        write_outputs(results, spec, out_dir)
+    return results
 
-        results.paths = write_report_files(results, Path(out_dir), spec.report.plots)
+
+def write_outputs(results: Results, spec: Spec, out_dir) -> dict:
+    """results.json, manifest.json, plots and a standalone report.html in out_dir."""
+    from quantlab.report import write_report_files
+
+    results.paths = write_report_files(results, Path(out_dir), spec.report.plots,
+                                       memory_budget_bytes=spec.report.memory_budget_bytes)
+    return results.paths
     return results
 
 

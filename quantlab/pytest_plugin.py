@@ -252,15 +252,17 @@ def _report_test(spec):
         __tracebackhide__ = True
         import pytest_html
 
-        from quantlab.report import html_section, write_report_files
+        from quantlab.pipeline import write_outputs
+        from quantlab.report import html_section
 
         results = spec_results(request.config, spec)
-        paths = write_report_files(results, out_dir(request.config, spec), spec.report.plots)
+        paths = write_outputs(results, spec, out_dir(request.config, spec))
         images = {name: p for name, p in paths.items() if str(p).endswith(".png")}
-        extras.append(pytest_html.extras.html(html_section(results, images)))
+        extras.append(pytest_html.extras.html(
+            html_section(results, images, memory_budget_bytes=spec.report.memory_budget_bytes)))
         missing = [p for p in paths.values() if not Path(p).is_file()]
         assert not missing, f"report files were not written: {missing}"
-        written = json.loads(Path(paths["results.json"]).read_text())
+        written = json.loads(Path(paths["results"]).read_text())
         assert set(written["results"]) == set(spec.schemes), "results.json lacks schemes of the spec"
 
     return test_report

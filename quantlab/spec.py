@@ -153,7 +153,7 @@ def _tuple(types):
 DEFAULT_KEEP = ["embeddings", "lm_head", "norms"]
 PLOTS = ("pareto", "accuracy", "calibration_size", "per_layer", "roofline")
 METHODS = ("rtn", "gptq", "float")
-SWEEPABLE = ("calibration.samples", "calibration.seq_len", "seed")
+SWEEPABLE = ("calibration.samples", "calibration.seq_len", "calibration.heldout_samples", "seed")
 
 # Metrics an assertion or golden file can name (per scheme). `tasks.<task>.acc` is also allowed.
 METRICS = {
@@ -172,6 +172,7 @@ METRICS = {
     "eval_tokens": "tokens scored for perplexity",
     "mean_rel_loss": "mean over layers of GPTQ/RTN relative loss tr(D H D^T)/tr(W H W^T)",
     "mean_rtn_rel_loss": "mean over layers of the RTN relative loss on the same Hessians",
+    "mean_heldout_rel_loss": "mean over layers of the relative loss on held-out inputs (calibration.heldout_samples)",
 }
 OPERATORS = {"<": lambda a, b: a < b, "<=": lambda a, b: a <= b, ">": lambda a, b: a > b,
              ">=": lambda a, b: a >= b, "==": lambda a, b: a == b, "!=": lambda a, b: a != b}
@@ -187,8 +188,11 @@ class CalibrationConfig:
     samples: int = 128
     seq_len: int = 256
     batch_size: int = 8
+    heldout_samples: int = 0   # windows of the validation split on which per-layer error is also measured
 
     def __post_init__(self):
+        if self.heldout_samples < 0:
+            raise ValueError("calibration.heldout_samples must be >= 0 (0 turns held-out error off)")
         if self.samples < 1:
             raise ValueError("calibration.samples must be >= 1 (e.g. 128)")
         if self.seq_len < 2:
@@ -204,6 +208,7 @@ class EvaluationConfig:
     seq_len: int = 256
     max_tokens: Optional[int] = 65536
     tasks: list = field(default_factory=list)
+    task_items: Optional[int] = None   # score only the first N items of each task
     kl_divergence: bool = True
     length_normalize: bool = False
     batch_size: int = 8
@@ -213,6 +218,8 @@ class EvaluationConfig:
             raise ValueError("evaluation.seq_len must be >= 2")
         if self.max_tokens is not None and self.max_tokens < self.seq_len:
             raise ValueError(f"evaluation.max_tokens ({self.max_tokens}) must be at least seq_len ({self.seq_len})")
+        if self.task_items is not None and self.task_items < 1:
+            raise ValueError("evaluation.task_items must be >= 1, or omitted for all items")
         if self.split not in ("train", "validation", "test"):
             raise ValueError("evaluation.split must be train, validation or test")
 
@@ -584,10 +591,11 @@ def parse_spec(data, source: str = "<spec>", name: Optional[str] = None, text: O
                     fix="use cpu, cuda or auto"),
         markers=_get(data, "markers", list, [], ctx, "the spec"),
         calibration=_dataclass_from(CalibrationConfig, data.get("calibration"), _Ctx(source, data.get("calibration") or data),
-                                    "calibration", {"dataset": str, "samples": int, "seq_len": int, "batch_size": int}),
+                                    "calibration", {"dataset": str, "samples": int, "seq_len": int, "batch_size": int,
+                                                     "heldout_samples": int}),
         evaluation=_dataclass_from(EvaluationConfig, data.get("evaluation"), _Ctx(source, data.get("evaluation") or data),
                                    "evaluation", {"dataset": str, "split": str, "seq_len": int, "max_tokens": int,
-                                                  "tasks": list, "kl_divergence": bool, "length_normalize": bool,
+                                                  "tasks": list, "task_items": int, "kl_divergence": bool, "length_normalize": bool,
                                                   "batch_size": int}),
         keep=_get(data, "keep", list, list(DEFAULT_KEEP), ctx, "the spec"),
         schemes=schemes, baseline=baseline, sweep=sweep, report=report,

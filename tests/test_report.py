@@ -1,0 +1,321 @@
+"""Tests of the report: frontier, roofline numbers, interpretation, files, plots and HTML.
+
+Results dicts are synthetic but shaped like results.json (DESIGN.md); sizes come from the real byte
+accounting of a tiny MiniGPT so the roofline tests exercise the numbers the pipeline would record.
+"""
+import json
+import math
+import re
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from quantlab import report
+from quantlab.models.minigpt import MiniGPT, MiniGPTConfig
+from quantlab.quant import PRESETS, FloatScheme, expected_nbytes, model_bytes
+from quantlab.roofline import decode_intensity, decode_workload, measure_machine
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# Ceilings of a made-up machine, so plots and sentences do not depend on this one's speed.
+MACHINE = {"peak_gflops": 100.0, "bandwidth_gbs": 20.0}
+
+
+def tiny_minigpt():
+    torch.manual_seed(0)
+    return MiniGPT(MiniGPTConfig(vocab_size=256, block_size=16, n_layer=2, n_head=2, n_embd=32))
+
+
+def scheme_meta(name):
+    scheme = PRESETS[name]
+    if isinstance(scheme, FloatScheme):
+        return {"method": "float", "bits": scheme.bits}
+    return {"method": "rtn", "bits": scheme.bits, "granularity": scheme.granularity,
+            "group_size": scheme.group_size, "symmetric": scheme.symmetric, "grid": scheme.grid}
+
+
+def make_results(ppl_by_scheme, gptq_of=None, tasks=True, layers=True, sweep=True):
+    """Results for a tiny MiniGPT: bytes from the preset's byte accounting, ppl as given.
+    ``gptq_of`` maps a GPTQ scheme name to the preset whose grid it uses."""
+    module = tiny_minigpt()
+    linear_names = [n for n, m in module.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+    gptq_of = gptq_of or {}
+    baseline_ppl = ppl_by_scheme["fp32"]
+    results, schemes = {}, {}
+    for i, (name, ppl) in enumerate(ppl_by_scheme.items()):
+        preset = PRESETS[gptq_of.get(name, name)]
+        sizes = model_bytes(module, {n: expected_nbytes(*module.get_submodule(n).weight.shape, preset)
+                                     for n in linear_names})
+        schemes[name] = {**scheme_meta(gptq_of.get(name, name)), **({"method": "gptq"} if name in gptq_of else {})}
+        quantized = not isinstance(preset, FloatScheme)
+        results[name] = {
+            "ppl": ppl, "ppl_stderr": 0.01 * ppl, "ppl_gap": ppl / baseline_ppl - 1,
+            "kld_mean": 0.0 if name == "fp32" else 0.01 * (i + 1), "top1_agreement": 1.0 - 0.01 * i,
+            "tasks": {"verb_tense": {"acc": 0.9 - 0.05 * i, "acc_stderr": 0.02, "n": 300}} if tasks else {},
+            "nan_count": 0, "bytes_total": sizes["bytes_total"], "bytes_linear": sizes["bytes_linear"],
+            "bits_per_weight": 8 * sizes["bytes_linear"] / sizes["params_linear"],
+            "layers": {n: {"rel_loss": 2.0 ** -preset.bits * (j + 1), "rtn_rel_loss": 2.0 ** -preset.bits * (j + 2),
+                           "damp": 0.01} for j, n in enumerate(linear_names)} if quantized and layers else {},
+        }
+    workload = decode_workload(module)
+    out = {"spec": "test/report", "spec_sha256": "ab" * 32, "seed": 0, "baseline": "fp32",
+           "fingerprint": {"dataset": "shakespeare", "seq_len": 16}, "results": results, "schemes": schemes,
+           "model": {"params_linear": sizes["params_linear"],
+                     "params_total": sum(p.numel() for p in module.parameters()), **workload},
+           "sweeps": [], "health": []}
+    if sweep and layers:
+        gptq = [name for name in ppl_by_scheme if name in gptq_of]
+        out["sweeps"] = [{"key": "calibration.samples", "values": [4, 8, 16],
+                          "results": [{s: {"layers": {n: {"rel_loss": 0.1 / samples * (j + 1)}
+                                                      for j, n in enumerate(linear_names)}} for s in gptq}
+                                      for samples in (4, 8, 16)]}]
+    return out
+
+
+SEVEN = {"fp32": 10.0, "fp16": 10.01, "int8-per-tensor": 10.3, "int8-per-channel": 10.1,
+         "int4-g64": 15.0, "int4-g128": 16.0, "int4-g64-gptq": 11.0}
+
+
+@pytest.fixture(scope="module")
+def seven():
+    return make_results(SEVEN, gptq_of={"int4-g64-gptq": "int4-g64"})
+
+
+@pytest.fixture(scope="module")
+def written(seven, tmp_path_factory):
+    """The full report of ``seven`` (with one NaN metric), rendered once: plots are the slow part."""
+    fp16 = {**seven["results"]["fp16"], "kld_p99": math.nan}
+    results = {**seven, "results": {**seven["results"], "fp16": fp16}}
+    return report.write_report_files(results, tmp_path_factory.mktemp("report"), machine=MACHINE)
+
+
+def points_results(points):
+    """Results holding only (bytes_total, ppl) per scheme."""
+    return {"baseline": "a", "results": {name: {"bytes_total": b, "ppl": p, "nan_count": 0}
+                                         for name, (b, p) in points.items()}}
+
+
+# ---------------------------------------------------------------------------------------------
+# The frontier
+
+
+def test_frontier_keeps_the_non_dominated_schemes_ordered_by_size():
+    results = points_results({"big": (100, 10.0), "mid": (50, 12.0), "worse_mid": (50, 13.0),
+                              "bigger_same": (200, 10.0), "small": (25, 20.0)})
+    assert report.pareto_frontier(results) == ["small", "mid", "big"]
+
+
+def test_frontier_leaves_out_schemes_with_nans_or_no_perplexity():
+    results = points_results({"ok": (100, 10.0), "nan": (10, 1.0), "null": (5, 1.0)})
+    results["results"]["nan"]["nan_count"] = 3
+    results["results"]["null"]["ppl"] = None
+    assert report.pareto_frontier(results) == ["ok"]
+
+
+@given(st.dictionaries(st.text("abcdef", min_size=1, max_size=3),
+                       st.tuples(st.integers(1, 50), st.integers(1, 50)), min_size=1, max_size=12))
+def test_every_scheme_off_the_frontier_is_dominated_by_one_on_it(points):
+    results = points_results(points)
+    frontier = report.pareto_frontier(results)
+    for name, (b, p) in points.items():
+        dominated_by = [f for f in frontier if points[f][0] <= b and points[f][1] <= p and points[f] != (b, p)]
+        assert (name in frontier) == (not dominated_by)
+
+
+# ---------------------------------------------------------------------------------------------
+# Roofline numbers
+
+
+def test_decode_intensity_grows_as_bytes_per_weight_shrink(seven):
+    intensity = {s: decode_intensity(seven["results"][s], seven["model"])["intensity"]
+                 for s in ("fp32", "fp16", "int8-per-channel", "int4-g64")}
+    assert intensity["int4-g64"] > intensity["int8-per-channel"] > intensity["fp16"] > intensity["fp32"]
+
+
+def test_decode_workload_counts_every_matmul_and_its_input_and_output_vectors():
+    module = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4, bias=False))
+    assert decode_workload(module) == {"params_matmul": 8 * 16 + 16 * 4, "activation_elements": (8 + 16) + (16 + 4),
+                                       "n_matmuls": 2}
+
+
+def test_decode_intensity_explains_what_is_missing():
+    with pytest.raises(ValueError, match="params_linear"):
+        decode_intensity({"bytes_total": 100}, {})
+
+
+def test_measure_machine_reports_positive_ceilings_and_is_measured_once():
+    first = measure_machine(seconds_budget=0.1)
+    assert first["peak_gflops"] > 0 and first["bandwidth_gbs"] > 0
+    first["peak_gflops"] = -1.0  # the caller's copy: the cache must not see this
+    assert measure_machine(seconds_budget=0.1)["peak_gflops"] > 0
+    assert measure_machine(seconds_budget=0.1)["bandwidth_gbs"] == first["bandwidth_gbs"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Interpretation
+
+
+def test_interpretation_ships_the_most_accurate_scheme_that_fits_the_budget(seven):
+    sizes = {s: r["bytes_total"] for s, r in seven["results"].items()}
+    # Room for every INT4 scheme and int8-per-channel but not fp16: int8-per-channel has the best ppl.
+    budget = (sizes["int8-per-channel"] + sizes["fp16"]) / 2
+    text = " ".join(report.interpretation(seven, memory_budget_bytes=budget))
+    assert "ship int8-per-channel:" in text
+
+
+def test_interpretation_says_when_no_scheme_fits_the_budget(seven):
+    smallest = min(r["bytes_total"] for r in seven["results"].values())
+    text = " ".join(report.interpretation(seven, memory_budget_bytes=smallest - 1))
+    assert "No scheme fits the memory budget" in text
+
+
+@pytest.mark.parametrize("gap, verdict", [
+    (0.20, "misses the 15% DoD"),
+    (0.10, "meets the 15% DoD but misses the 5% hope"),
+    (0.03, "meets both the 15% DoD and the 5% hope"),
+])
+def test_interpretation_judges_the_best_gptq_gap_against_dod_and_hope(gap, verdict):
+    ppl = {**SEVEN, "int4-g64-gptq": SEVEN["fp32"] * (1 + gap)}
+    results = make_results(ppl, gptq_of={"int4-g64-gptq": "int4-g64"}, layers=False)
+    gptq_sentence = next(s for s in report.interpretation(results) if s.startswith("The best GPTQ scheme"))
+    assert "int4-g64-gptq" in gptq_sentence and f"{gap:+.1%}" in gptq_sentence
+    assert verdict in gptq_sentence
+
+
+def test_interpretation_compares_gptq_with_rtn_on_the_same_grid(seven):
+    text = " ".join(report.interpretation(seven))
+    removed = 1 - seven["results"]["int4-g64-gptq"]["ppl_gap"] / seven["results"]["int4-g64"]["ppl_gap"]
+    assert f"same grid (int4-g64)" in text and f"GPTQ removes {removed:.0%}" in text
+
+
+def test_interpretation_names_the_frontier_and_the_int4_speedup_from_bytes(seven):
+    sentences = report.interpretation(seven)
+    frontier_sentence = sentences[0]
+    for scheme in report.pareto_frontier(seven):
+        assert scheme in frontier_sentence.split("Dominated")[0]
+    assert "Dominated: int4-g64 (by int4-g64-gptq)." in frontier_sentence
+    base = decode_intensity(seven["results"]["fp32"], seven["model"])
+    int4 = decode_intensity(seven["results"]["int4-g64-gptq"], seven["model"])
+    speedup_sentence = next(s for s in sentences if "decode speed-up" in s)
+    assert f"{base['bytes'] / int4['bytes']:.1f}x" in speedup_sentence
+
+
+def test_interpretation_uses_the_machine_ridge_point_when_ceilings_are_known(seven):
+    text = " ".join(report.interpretation(seven, machine=MACHINE))
+    assert "ridge point is 5.0 FLOP/byte" in text and "memory-bound here" in text
+
+
+def test_interpretation_reports_health_events_and_nans(seven):
+    results = {**seven, "health": [{"scheme": "int4-g64-gptq", "layer": "x", "event": "damp_raised", "detail": ""}],
+               "results": {**seven["results"], "int4-g128": {**seven["results"]["int4-g128"], "nan_count": 7}}}
+    text = " ".join(report.interpretation(results))
+    assert "damp_raised: 1" in text and "int4-g128 (7)" in text
+
+
+# ---------------------------------------------------------------------------------------------
+# Files
+
+
+def test_write_json_writes_nan_and_infinity_as_null_with_sorted_keys(tmp_path):
+    path = report.write_json(tmp_path / "r.json", {"b": float("nan"), "a": [1.5, float("inf")], "c": (1, 2)})
+    text = path.read_text()
+    assert json.loads(text) == {"a": [1.5, None], "b": None, "c": [1, 2]}
+    assert text.index('"a"') < text.index('"b"') and "NaN" not in text
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]  # no temporary file left behind
+
+
+def test_write_json_refuses_objects_it_cannot_represent_and_keeps_the_old_file(tmp_path):
+    path = report.write_json(tmp_path / "r.json", {"ok": 1})
+    with pytest.raises(TypeError, match="convert it"):
+        report.write_json(path, {"bad": object()})
+    assert json.loads(path.read_text()) == {"ok": 1}
+
+
+def test_manifest_records_versions_machine_and_spec(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # not a git checkout
+    m = report.manifest("minigpt/pareto", "cd" * 32, 3)
+    assert (m["spec"], m["spec_sha256"], m["seed"]) == ("minigpt/pareto", "cd" * 32, 3)
+    assert m["versions"]["torch"] == torch.__version__
+    assert m["machine"]["cpu_count"] >= 1
+    assert m["git"] == {"revision": None, "dirty": None}
+
+
+def test_manifest_does_not_fail_without_git(monkeypatch):
+    monkeypatch.setenv("PATH", "")
+    assert report.manifest("s", "0", 0)["git"]["revision"] is None
+
+
+def test_write_report_files_writes_results_manifest_and_a_page_embedding_every_plot(written):
+    assert json.loads(written["results"].read_text())["results"]["fp16"]["kld_p99"] is None
+    assert json.loads(written["manifest"].read_text())["spec"] == "test/report"
+    assert written["html"].read_text().count('src="data:image/png;base64,') == len(report.PLOTS)
+
+
+# ---------------------------------------------------------------------------------------------
+# Plots
+
+
+@pytest.mark.parametrize("name", report.PLOTS)
+def test_every_plot_is_written_as_a_valid_png_of_real_content(written, name):
+    data = written[name].read_bytes()
+    assert written[name].name == f"{name}.png"
+    assert data.startswith(PNG_SIGNATURE) and len(data) > 10_000
+
+
+def test_plots_are_byte_identical_for_the_same_results(seven, tmp_path):
+    first = report.plot_pareto(seven, tmp_path / "a.png").read_bytes()
+    assert report.plot_pareto(seven, tmp_path / "b.png").read_bytes() == first
+
+
+def test_make_plots_skips_plots_whose_data_is_absent(tmp_path):
+    results = make_results(SEVEN, gptq_of={"int4-g64-gptq": "int4-g64"}, tasks=False, layers=False)
+    del results["model"]
+    assert list(report.make_plots(results, tmp_path)) == ["pareto"]
+    assert [p.name for p in tmp_path.iterdir()] == ["pareto.png"]
+
+
+def test_make_plots_rejects_unknown_plot_names_and_lists_the_known_ones(seven, tmp_path):
+    with pytest.raises(ValueError, match="choose from pareto, accuracy"):
+        report.make_plots(seven, tmp_path, which=["pareto", "histogram"])
+
+
+def png_size(data):
+    """(width, height) in pixels, from the PNG's IHDR chunk."""
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+def test_per_layer_plot_of_a_deep_model_stays_a_compact_block_by_kind_chart(tmp_path):
+    layers = {f"model.layers.{block}.{kind}": {"rel_loss": 0.01 * (block + 1)}
+              for block in range(20) for kind in ("q_proj", "k_proj", "v_proj")}
+    results = {"baseline": "fp32", "results": {"int4": {"layers": layers}, "int8": {"layers": layers}}}
+    width, height = png_size(report.plot_per_layer(results, tmp_path / "deep.png").read_bytes())
+    # One row per layer would make a 60-row, ~1500 px tall image.
+    assert len(layers) > report.MAX_LAYER_ROWS and height < width
+
+
+def test_per_layer_plot_also_draws_the_rtn_loss(seven, tmp_path):
+    path = report.plot_per_layer(seven, tmp_path / "rtn.png", metric="rtn_rel_loss")
+    assert path.read_bytes().startswith(PNG_SIGNATURE)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tables and HTML
+
+
+def test_text_table_has_one_aligned_row_per_scheme_and_dashes_for_nulls(seven):
+    results = {**seven, "results": {**seven["results"], "fp16": {**seven["results"]["fp16"], "kld_mean": None}}}
+    lines = report.metrics_table_text(results).splitlines()
+    assert len(lines) == 2 + len(SEVEN)
+    fp16 = next(line for line in lines if line.startswith("fp16 "))
+    assert report.MISSING in fp16
+    assert re.search(r"int4-g64-gptq\s+gptq\s+11 ± 0\.11\s+\+10\.0%", report.metrics_table_text(seven))
+
+
+def test_html_section_embeds_images_as_data_uris_and_escapes_names(seven, tmp_path):
+    evil = "<script>alert(1)</script>"
+    results = {**seven, "spec": evil, "results": {**seven["results"], evil: seven["results"]["int4-g128"]}}
+    images = report.make_plots(results, tmp_path, which=["pareto"])
+    section = report.html_section(results, images)
+    assert 'src="data:image/png;base64,' in section
+    assert "<script>" not in section and "&lt;script&gt;" in section
