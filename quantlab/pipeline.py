@@ -399,7 +399,6 @@ def write_outputs(results: Results, spec: Spec, out_dir) -> dict:
     results.paths = write_report_files(results, Path(out_dir), spec.report.plots,
                                        memory_budget_bytes=spec.report.memory_budget_bytes)
     return results.paths
-    return results
 
 
 def _baseline_first(spec: Spec) -> list:

@@ -541,6 +541,7 @@ def _parse_expectation(item: dict, ctx: _Ctx, schemes: dict, sweep) -> list:
 
 def parse_spec(data, source: str = "<spec>", name: Optional[str] = None, text: Optional[str] = None) -> Spec:
     """Validate a spec mapping (from YAML or a dict) and build a Spec. Raises SpecError."""
+    data = _locate(data)
     ctx = _Ctx(source, data)
     if not isinstance(data, dict):
         raise SpecError("a spec must be a YAML mapping with at least model and schemes", source, getattr(data, "line", 1))
@@ -549,7 +550,8 @@ def parse_spec(data, source: str = "<spec>", name: Optional[str] = None, text: O
         raise SpecError("the spec has no schemes; add e.g. schemes: {fp32: {dtype: float32}, int4-g64: {bits: 4, group_size: 64}}",
                         source, getattr(data, "line", 1))
     digest = hashlib.sha256((text if text is not None else repr(_plain(data))).encode()).hexdigest()
-    name = _get(data, "name", str, name or Path(source).stem, ctx, "the spec")
+    default_name = name or (Path(source).stem if not source.startswith("<") else "spec")
+    name = _get(data, "name", str, default_name, ctx, "the spec")
     if not re.fullmatch(r"[\w.\-/]+", name):
         raise ctx.error(f"name {name!r} may only use letters, digits, '-', '_', '.', '/'", "name")
 
@@ -645,6 +647,19 @@ def _tolerance(tol, ctx: _Ctx, what: str) -> dict:
                 raise ctx.error(f"{what}.{k} must be a non-negative number, got {v!r}", k)
             out[k] = float(v)
     return out
+
+
+def _locate(obj):
+    """Plain dicts/lists (a spec given as a Python dict) -> Located containers without line numbers."""
+    if isinstance(obj, dict) and not isinstance(obj, Located):
+        located = Located({k: _locate(v) for k, v in obj.items()})
+        located.line, located.key_lines = None, {}
+        return located
+    if isinstance(obj, list) and not isinstance(obj, LocatedList):
+        located = LocatedList(_locate(v) for v in obj)
+        located.line, located.item_lines = None, [None] * len(located)
+        return located
+    return obj
 
 
 def _plain(obj):
