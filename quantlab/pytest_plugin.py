@@ -65,7 +65,7 @@ class SpecFile(pytest.File):
         from quantlab.spec import SpecError, load_spec
 
         try:
-            spec = load_spec(self.path)
+            spec = load_spec(self.path, display=self._display_path())
         except SpecError as e:
             raise SpecCollectionError(str(e)) from None
         self.spec = spec
@@ -86,6 +86,12 @@ class SpecFile(pytest.File):
             if spec.golden.layers is not None:
                 yield _marked(SpecFunction.from_parent(self, name="golden-layers", callobj=_golden_layers_test(spec)), marks)
         yield _marked(SpecFunction.from_parent(self, name="report", callobj=_report_test(spec)), marks)
+
+    def _display_path(self) -> str:
+        try:
+            return self.path.relative_to(self.config.rootpath).as_posix()
+        except ValueError:
+            return str(self.path)
 
     def repr_failure(self, excinfo):
         if isinstance(excinfo.value, SpecCollectionError):
@@ -165,7 +171,7 @@ def _assertion_test(spec, exp):
 
 def golden_root(spec) -> Path:
     """golden/<spec name>/ beside the specs/ folder the spec lives in (the project root)."""
-    parts = Path(spec.source).resolve().parts
+    parts = (spec.path or Path(spec.source).resolve()).parts
     if "specs" in parts:
         root = Path(*parts[: len(parts) - 1 - parts[::-1].index("specs")])
         return root / "golden" / spec.name

@@ -350,6 +350,7 @@ class Spec:
     expect: list = field(default_factory=list)       # Expectation, '*' expanded
     golden: Optional[GoldenConfig] = None
     report: ReportConfig = field(default_factory=ReportConfig)
+    path: Optional[Path] = None                      # the spec file, when read from one
 
     def with_value(self, dotted_key: str, value) -> "Spec":
         """A copy of this spec with one sweepable value replaced (used for sweeps)."""
@@ -362,7 +363,7 @@ class Spec:
         return spec
 
 
-TOP_KEYS = {f.name for f in fields(Spec)} - {"source", "sha256", "raw"}
+TOP_KEYS = {f.name for f in fields(Spec)} - {"source", "sha256", "raw", "path"}
 
 
 def _dataclass_from(cls, mapping, ctx: _Ctx, what: str, types: dict, **extra):
@@ -679,17 +680,21 @@ def spec_name_for(path: Path) -> str:
     return Path(path).stem
 
 
-def load_spec(path) -> Spec:
-    """Read and validate a spec file. Raises SpecError (file:line: message) on any user mistake."""
+def load_spec(path, display: Optional[str] = None) -> Spec:
+    """Read and validate a spec file. Raises SpecError (file:line: message) on any user mistake.
+    ``display`` is how the file is named in messages (default: the path as given)."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
-        raise SpecError(f"cannot read the spec ({e.strerror}); check the path", str(path)) from None
-    data = read_yaml(text, str(path))
+        raise SpecError(f"cannot read the spec ({e.strerror}); check the path", display or str(path)) from None
+    source = display or str(path)
+    data = read_yaml(text, source)
     if data is None:
-        raise SpecError("the spec is empty; it needs at least model and schemes", str(path), 1)
-    return parse_spec(data, str(path), name=spec_name_for(path), text=text)
+        raise SpecError("the spec is empty; it needs at least model and schemes", source, 1)
+    spec = parse_spec(data, source, name=spec_name_for(path), text=text)
+    spec.path = path.resolve()
+    return spec
 
 
 def as_spec(spec) -> Spec:

@@ -1,0 +1,126 @@
+"""The pytest plugin end to end, with pytester: collection, item ids, failure messages, located spec
+errors, xfail, golden regeneration and drift, and the report extras."""
+import json
+import textwrap
+
+import pytest
+
+pytest_plugins = ["pytester"]
+
+# A spec small enough to run in seconds: the committed MiniGPT, 4 calibration windows, 2k eval tokens.
+SPEC = """\
+seed: 0
+model: minigpt-shakespeare
+calibration: {{dataset: shakespeare, samples: 4, seq_len: 64}}
+evaluation: {{dataset: shakespeare, split: test, seq_len: 64, max_tokens: 2048, kl_divergence: true}}
+schemes:
+  fp32: fp32
+  int4-g64: int4-g64
+  int4-g64-gptq: {{preset: int4-g64, method: gptq}}
+expect:
+  - {{metric: nan_count, scheme: "*", "==": 0}}
+  - {{check: grid, scheme: int4-g64, range: [-7, 7]}}
+  - {{metric: ppl_gap, scheme: int4-g64-gptq, "<": {gap_threshold}}}
+golden:
+  metrics: {{ppl: {{rtol: 0.0001}}, kld_mean: {{rtol: 0.01}}}}
+  layers: {{metric: rtn_rel_loss, rtol: 0.001}}
+report: {{plots: [pareto, per_layer]}}
+"""
+
+
+@pytest.fixture
+def project(pytester, tmp_path_factory, monkeypatch):
+    """A pytester project with a specs/ folder; results are cached across these tests."""
+    monkeypatch.setenv("QUANTLAB_RESULTS_CACHE", str(tmp_path_factory.getbasetemp() / "quantlab-results-cache"))
+    pytester.makeini("[pytest]\nfilterwarnings =\n    error\n    ignore::DeprecationWarning:pytest_html\n")
+    pytester.mkdir("specs")
+    return pytester
+
+
+def write_spec(pytester, name="tiny", gap_threshold=10.0, text=None):
+    path = pytester.path / "specs" / f"{name}.yaml"
+    path.write_text(text if text is not None else SPEC.format(gap_threshold=gap_threshold))
+    return path
+
+
+def test_collection_yields_one_readable_item_per_assertion_per_scheme(project):
+    write_spec(project)
+    result = project.runpytest_subprocess("--collect-only", "-q", "specs")
+    ids = [line for line in result.outlines if "::" in line]
+    assert ids == [
+        "specs/tiny.yaml::nan_count[fp32]==0",
+        "specs/tiny.yaml::nan_count[int4-g64]==0",
+        "specs/tiny.yaml::nan_count[int4-g64-gptq]==0",
+        "specs/tiny.yaml::grid[int4-g64]",
+        "specs/tiny.yaml::ppl_gap[int4-g64-gptq]<10",
+        "specs/tiny.yaml::golden-metrics",
+        "specs/tiny.yaml::golden-layers",
+        "specs/tiny.yaml::report",
+    ]
+
+
+def test_a_malformed_spec_fails_collection_with_its_file_line_and_fix_and_others_still_run(project):
+    write_spec(project)
+    (project.path / "specs" / "broken.yaml").write_text("model: minigpt-shakespeare\nschemes:\n  fp32: fp32\nexpect:\n"
+                                                        "  - {metric: ppl_gapp, scheme: fp32, '<': 1}\n")
+    result = project.runpytest_subprocess("--collect-only", "-q", "specs")
+    text = result.stdout.str()
+    assert "\nspecs/broken.yaml:5: unknown metric 'ppl_gapp'; did you mean 'ppl_gap'?" in text
+    assert "Traceback" not in text
+    assert "specs/tiny.yaml::report" in text
+
+
+def test_a_failing_assertion_prints_the_spec_line_measured_value_threshold_and_margin(project):
+    write_spec(project, gap_threshold=-1.0)
+    result = project.runpytest_subprocess("specs", "-k", "ppl_gap", "-p", "no:cacheprovider")
+    result.assert_outcomes(failed=1)
+    result.stdout.re_match_lines([r".*specs/tiny.yaml:12: ppl_gap of int4-g64-gptq = [-\d.e]+ is not < -1 \(margin -[\d.e]+\)"])
+
+
+def test_an_xfail_assertion_is_strict(project):
+    text = SPEC.format(gap_threshold=10.0).replace(
+        '"<": 10.0}', '"<": 10.0, xfail: "not expected to hold yet"}')
+    write_spec(project, text=text)
+    result = project.runpytest_subprocess("specs", "-k", "ppl_gap")
+    result.assert_outcomes(failed=1)  # it passed, so the strict xfail turns it into a failure
+    assert "XPASS(strict)" in result.stdout.str()
+
+
+def test_golden_files_are_recorded_then_compared_and_drift_fails_with_old_and_new(project):
+    write_spec(project)
+    golden = project.path / "golden" / "tiny"
+    first = project.runpytest_subprocess("specs", "-k", "golden", "--force-regen")
+    first.assert_outcomes(failed=2)  # pytest-regressions fails the run that (re)writes golden files
+    assert (golden / "ppl.csv").is_file() and (golden / "layers_rtn_rel_loss.csv").is_file()
+    assert json.loads((golden / "fingerprint.json").read_text())["fingerprint"]["seq_len"] == 64
+
+    project.runpytest_subprocess("specs", "-k", "golden").assert_outcomes(passed=2)
+
+    lines = (golden / "ppl.csv").read_text().splitlines()
+    header, values = lines[0].split(","), lines[1].split(",")
+    values[header.index("int4-g64")] = str(float(values[header.index("int4-g64")]) * 1.01)
+    (golden / "ppl.csv").write_text("\n".join([lines[0], ",".join(values)]) + "\n")
+    drift = project.runpytest_subprocess("specs", "-k", "golden-metrics")
+    drift.assert_outcomes(failed=1)
+    assert "golden drift beyond tolerance" in drift.stdout.str() and "int4-g64" in drift.stdout.str()
+
+
+def test_golden_files_from_another_evaluation_protocol_are_refused_not_reported_as_drift(project):
+    write_spec(project)
+    project.runpytest_subprocess("specs", "-k", "golden", "--force-regen")
+    write_spec(project, text=SPEC.format(gap_threshold=10.0).replace("seq_len: 64, max_tokens", "seq_len: 128, max_tokens"))
+    result = project.runpytest_subprocess("specs", "-k", "golden-metrics")
+    result.assert_outcomes(failed=1)
+    out = result.stdout.str()
+    assert "different evaluation protocol" in out and "seq_len: 64 -> 128" in out
+
+
+def test_the_html_report_embeds_the_metrics_table_and_plots(project):
+    write_spec(project)
+    result = project.runpytest_subprocess("specs", "-k", "report", "--html=report.html", "--quantlab-out=out")
+    result.assert_outcomes(passed=1)
+    html = (project.path / "report.html").read_text()
+    assert "quantlab quantization report" in html
+    assert "data:image/png;base64" in html
+    assert (project.path / "out" / "tiny" / "results.json").is_file()
+    assert (project.path / "out" / "tiny" / "manifest.json").is_file()
