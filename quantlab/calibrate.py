@@ -31,6 +31,9 @@ from quantlab.models.base import LanguageModel
 from quantlab.quant import FLOAT_DTYPES, FloatScheme, QTensor, Scheme, model_bytes, quantize_rtn
 
 METHODS = ("rtn", "gptq")
+# Every layer reports all of these (None when not measured); heldout_rel_loss only with held-out tokens.
+LAYER_STATISTICS = ("rel_loss", "rtn_rel_loss", "damp", "seconds", "h_cond", "h_diag_spread", "input_absmax",
+                    "outlier_ratio", "n_tokens")
 
 
 @dataclass
@@ -280,17 +283,20 @@ def _quantize_blocks(quantized: QuantizedModel, calibration, heldout, solver: di
 
 def _quantize_layer(quantized: QuantizedModel, name: str, inputs: Optional[InputStatistics],
                     heldout_inputs: Optional[InputStatistics], solver: dict) -> None:
-    """Quantize one Linear in place in the copied model and record its statistics."""
+    """Quantize one Linear of the copied model (its weight is overwritten) and record its statistics.
+    ``seconds`` is the quantization itself (the GPTQ solve or RTN), not the statistics around it."""
     linear = quantized.model.module.get_submodule(name)
     W = linear.weight.detach()
-    started = time.perf_counter()
-    layer = {"rel_loss": None, "rtn_rel_loss": None, "damp": None, "seconds": None}
+    layer = dict.fromkeys(LAYER_STATISTICS)
     if heldout_inputs is not None:
         layer["heldout_rel_loss"] = None
 
+    started = time.perf_counter()
+    rtn = quantize_rtn(W, quantized.scheme)
+    rtn_seconds = time.perf_counter() - started
     if inputs is None or inputs.n_tokens == 0:
         # No Hessian: RTN. Worth an event when calibration was asked for (GPTQ) or given (inputs).
-        qtensor = quantize_rtn(W, quantized.scheme)
+        qtensor, layer["seconds"] = rtn, rtn_seconds
         if quantized.method == "gptq" or inputs is not None:
             quantized.health.append({"layer": name, "event": "no_calibration_tokens",
                                      "detail": "no calibration tokens reached this layer; used round-to-nearest"})
@@ -300,17 +306,16 @@ def _quantize_layer(quantized: QuantizedModel, name: str, inputs: Optional[Input
         if quantized.method == "rtn" and not torch.isfinite(H).all():
             quantized.health.append({"layer": name, "event": "nan",
                                      "detail": "this layer's calibration inputs contain NaN or Inf"})
-        rtn = quantize_rtn(W, quantized.scheme)
         layer["rtn_rel_loss"] = _finite_or_none(relative_loss(W, rtn.dequantize(), H))
         if quantized.method == "gptq":
             result = gptq_quantize(W, H, quantized.scheme, **solver)
-            qtensor, layer["rel_loss"], layer["damp"] = result.qtensor, result.rel_loss, result.damp
+            qtensor, layer["rel_loss"], layer["damp"], layer["seconds"] = (
+                result.qtensor, result.rel_loss, result.damp, result.seconds)
             quantized.health += [{"layer": name, **event} for event in result.health]
         else:
-            qtensor, layer["rel_loss"] = rtn, layer["rtn_rel_loss"]
+            qtensor, layer["rel_loss"], layer["seconds"] = rtn, layer["rtn_rel_loss"], rtn_seconds
         if heldout_inputs is not None and heldout_inputs.n_tokens:
             layer["heldout_rel_loss"] = _finite_or_none(relative_loss(W, qtensor.dequantize(), heldout_inputs.hessian))
-    layer["seconds"] = time.perf_counter() - started
     linear.weight.copy_(qtensor.dequantize().to(linear.weight.dtype))
     quantized.qtensors[name] = qtensor
     quantized.layers[name] = layer

@@ -357,9 +357,9 @@ def run(spec, *, out_dir=None, use_cache: bool = True, cache_dir=None, progress:
             point = {}
             for name, cfg in spec.schemes.items():
                 if runner.cache_key(variant, cfg) != runner.cache_key(spec, cfg):
-                    log.info("sweep %s=%s", key, value)
+                    log.info("sweep %s=%s: %s", key, value, name)
                     point[name] = runner.scheme_result(variant, name)
-                elif value == _value_of(spec, key):
+                else:  # this value does not change the scheme (RTN under a calibration sweep)
                     point[name] = per_scheme[name]
             _fill_gaps(point, spec.baseline, per_scheme.get(spec.baseline))
             points.append(point)
@@ -403,13 +403,6 @@ def write_outputs(results: Results, spec: Spec, out_dir) -> dict:
 
 def _baseline_first(spec: Spec) -> list:
     return [spec.baseline] + [n for n in spec.schemes if n != spec.baseline]
-
-
-def _value_of(spec: Spec, dotted_key: str):
-    if dotted_key == "seed":
-        return spec.seed
-    section, key = dotted_key.split(".")
-    return getattr(getattr(spec, section), key)
 
 
 def _fill_gaps(per_scheme: dict, baseline: str, baseline_result: Optional[dict] = None) -> None:
