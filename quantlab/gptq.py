@@ -179,7 +179,11 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, scheme: Scheme, *, damp: flo
         H_work = H + torch.diag(dead.to(torch.float32))
         W_work = W.masked_fill(dead, 0.0)
 
-    order = torch.argsort(H_work.diagonal(), descending=True, stable=True) if act_order else None
+    order = None  # natural order
+    if act_order:
+        order = torch.argsort(H_work.diagonal(), descending=True, stable=True)
+        if torch.equal(order, torch.arange(n)):
+            order = None  # already sorted: no reordering to record (g_idx would cost bytes for nothing)
     R, damp_used = _upper_factor(H_work if order is None else H_work[order][:, order], damp, health)
     if R is None:
         health.append({"event": "rtn_fallback",

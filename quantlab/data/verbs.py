@@ -11,6 +11,7 @@ depends on nothing but the pair itself, so every seed of either split respects i
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import random
 from dataclasses import dataclass
@@ -290,6 +291,7 @@ def pair_split(subject: Subject, verb: Verb) -> str:
     return "test" if int.from_bytes(digest[:8], "big") / 2**64 < TEST_PAIR_FRACTION else "train"
 
 
+@functools.cache   # pure in split: hashing every pair once is enough
 def split_pairs(split: str) -> tuple[tuple[Subject, Verb], ...]:
     if split not in SPLITS:
         raise ValueError(f"unknown verbs split {split!r}; choose one of {', '.join(SPLITS)}")
@@ -299,6 +301,8 @@ def split_pairs(split: str) -> tuple[tuple[Subject, Verb], ...]:
 @dataclass(frozen=True)
 class VerbSentence:
     """One generated sentence, with the verb slot marked so it can become a task item."""
+    subject: str
+    verb: str          # base form: with ``subject``, the pair that decides the sentence's split
     before: str        # text up to the verb slot, e.g. "Yesterday he " or "Tomorrow he will "
     after: str         # text after it, e.g. " to the store."
     forms: tuple[str, str, str]   # base, 3rd-person singular, past
@@ -329,10 +333,11 @@ def make_sentence(subject: Subject, verb: Verb, tense: str, cue: str, complement
     else:
         before = f"{cue} {subject.text} {auxiliary}"
         after = f" {complement}."
-    return VerbSentence(before, after, verb.forms, answer)
+    return VerbSentence(subject.text, verb.base, before, after, verb.forms, answer)
 
 
-def _sample_sentences(split: str, rng: random.Random, n: int) -> list[VerbSentence]:
+def sample_sentences(split: str, rng: random.Random, n: int) -> list[VerbSentence]:
+    """``n`` sentences over the (subject, verb) pairs of ``split``: tense, cue and complement uniform."""
     pairs = split_pairs(split)
     tenses = tuple(TIME_CUES)
     sentences = []
@@ -348,7 +353,7 @@ def _sample_sentences(split: str, rng: random.Random, n: int) -> list[VerbSenten
 def verbs_text(split: str, seed: int = 0, n_sentences: int = 20000) -> str:
     """``n_sentences`` generated sentences of ``split``, one per line, deterministic in ``seed``."""
     rng = random.Random(f"verbs-text/{split}/{seed}")
-    return "\n".join(s.text for s in _sample_sentences(split, rng, n_sentences)) + "\n"
+    return "\n".join(s.text for s in sample_sentences(split, rng, n_sentences)) + "\n"
 
 
 def verb_tense_task(split: str = "test", seed: int = 0, n_items: int = 600) -> list[MCItem]:
@@ -356,7 +361,7 @@ def verb_tense_task(split: str = "test", seed: int = 0, n_items: int = 600) -> l
     past forms as the candidates, in a seeded random order so the answer's position carries no signal."""
     rng = random.Random(f"verb-tense-task/{split}/{seed}")
     items = []
-    for sentence in _sample_sentences(split, rng, n_items):
+    for sentence in sample_sentences(split, rng, n_items):
         order = [0, 1, 2]
         rng.shuffle(order)
         items.append(MCItem(context=sentence.before + "__" + sentence.after,

@@ -34,7 +34,7 @@ CHECKPOINT_CONFIG = MiniGPTConfig(block_size=256, n_layer=4, n_head=3, n_embd=19
 @dataclass(frozen=True)
 class TrainSettings:
     seed: int = 0
-    steps: int = 600
+    steps: int = 1200
     batch_size: int = 16
     lr: float = 3e-3
     min_lr_ratio: float = 0.1      # cosine decays to lr * min_lr_ratio
@@ -43,7 +43,7 @@ class TrainSettings:
     grad_clip: float = 1.0
     verb_fraction: float = 0.3     # share of each batch's rows drawn from the verb corpus
     verb_sentences: int = 60000
-    threads: int = 2
+    threads: int = 1   # one thread: reproducible anywhere, and no spin-waiting on a shared CPU
 
     def __post_init__(self):
         if self.steps < 1 or self.batch_size < 1:
@@ -148,23 +148,27 @@ def validation_loss(module: MiniGPT, tokens: torch.Tensor, n_windows: int = 16) 
 
 
 def train(cfg: MiniGPTConfig, s: TrainSettings, log_every: int = 25) -> tuple[MiniGPT, float]:
-    torch.manual_seed(s.seed)
+    torch.manual_seed(s.seed)   # the weight initialisation; batches come from their own generator
     torch.set_num_threads(s.threads)
-    encode = wrap(MiniGPT(MiniGPTConfig(n_layer=1, n_head=1, n_embd=8))).encode  # bytes, as the model reads them
+    module = MiniGPT(cfg)
+    encode = wrap(module).encode  # bytes, as the model reads them
     shakespeare = encode(shakespeare_split("train"))
     verbs = encode(verbs_text("train", seed=s.seed, n_sentences=s.verb_sentences))
     validation = encode(shakespeare_split("validation"))
     generator = torch.Generator().manual_seed(s.seed)
 
-    module = MiniGPT(cfg)
     n_params = sum(p.numel() for p in module.parameters())
     print(f"MiniGPT {cfg}: {n_params / 1e6:.2f}M parameters; {s}", flush=True)
-    # Biases, LayerNorms and embeddings are not decayed (the usual GPT recipe).
-    decay = [p for n, p in module.named_parameters() if p.dim() >= 2 and not n.startswith(("wte", "wpe"))]
-    no_decay = [p for n, p in module.named_parameters() if not (p.dim() >= 2 and not n.startswith(("wte", "wpe")))]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": s.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=s.lr, betas=(0.9, 0.95))
+    # Only the Linear weight matrices are decayed; biases, LayerNorms and embeddings are not (the usual
+    # GPT recipe: shrinking an embedding row or a norm gain toward zero is not regularisation).
+    def decayed(name: str, p: torch.Tensor) -> bool:
+        return p.dim() >= 2 and not name.startswith(("wte", "wpe"))
+
+    params = list(module.named_parameters())
+    optimizer = torch.optim.AdamW(
+        [{"params": [p for n, p in params if decayed(n, p)], "weight_decay": s.weight_decay},
+         {"params": [p for n, p in params if not decayed(n, p)], "weight_decay": 0.0}],
+        lr=s.lr, betas=(0.9, 0.95))
     start = last = time.perf_counter()
     module.train()
     for step in range(s.steps):
