@@ -223,16 +223,19 @@ def _natural_key(text: str):
 # The Pareto frontier
 
 
-def pareto_frontier(results) -> list:
-    """Schemes no other scheme dominates (at most as many bytes and at most the same ppl, better in
-    one), ordered by bytes_total. Schemes with a NaN, or a null ppl or size, are left out."""
+def pareto_frontier(results, ppl_rtol: float = 0.0) -> list:
+    """Schemes no other scheme dominates, ordered by bytes_total. A dominates B when A has at most B's
+    bytes and a perplexity lower than B's by more than ``ppl_rtol`` (relative; 0 = any amount, with a
+    tie going to the smaller scheme). Schemes with a NaN, or a null ppl or size, are left out."""
     points = {s: (r["bytes_total"], r["ppl"]) for s, r in _scheme_results(results).items()
               if _usable(results, s)}
-    frontier = [s for s, p in points.items() if not any(_dominates(q, p) for q in points.values())]
+    frontier = [s for s, p in points.items() if not any(_dominates(q, p, ppl_rtol) for q in points.values())]
     return sorted(frontier, key=lambda s: (points[s], s))
 
 
-def _dominates(a, b) -> bool:
+def _dominates(a, b, ppl_rtol: float = 0.0) -> bool:
+    if ppl_rtol > 0:
+        return a[0] <= b[0] and a[1] < b[1] * (1 - ppl_rtol)
     return a[0] <= b[0] and a[1] <= b[1] and a != b
 
 

@@ -498,9 +498,14 @@ def _parse_expectation(item: dict, ctx: _Ctx, schemes: dict, sweep) -> list:
                 for s in names if schemes[s].method != "float" or item.get("scheme") != "*"]
 
     if check == "pareto_frontier":
-        _check_keys(item, {"check", "schemes", "xfail"}, ctx, "check: pareto_frontier")
+        _check_keys(item, {"check", "schemes", "ppl_rtol", "xfail"}, ctx, "check: pareto_frontier")
         names = _scheme_names(item, "schemes", ctx, schemes)
-        return [Expectation("pareto_frontier", line, s, options={"schemes": [s]}, xfail=xfail) for s in names]
+        # Schemes whose perplexities differ by less than ppl_rtol are equally good: FP16 or INT8 landing
+        # 0.01% below FP32 by rounding luck does not push FP32 off the frontier.
+        rtol = _get(item, "ppl_rtol", float, 0.001, ctx, "check: pareto_frontier",
+                    check=lambda v: 0 <= v < 1, fix="ppl_rtol is a relative tolerance, e.g. 0.001")
+        return [Expectation("pareto_frontier", line, s, options={"schemes": [s], "ppl_rtol": rtol}, xfail=xfail)
+                for s in names]
 
     if check == "health":
         _check_keys(item, {"check", "scheme", "max_damp", "allow_rtn_fallback", "require_calibration_tokens", "xfail"},
@@ -773,10 +778,11 @@ def _grid(exp: Expectation, results: dict) -> Outcome:
 def _pareto(exp: Expectation, results: dict) -> Outcome:
     from quantlab.report import pareto_frontier
 
-    frontier = pareto_frontier(results)
+    rtol = exp.options["ppl_rtol"]
+    frontier = pareto_frontier(results, ppl_rtol=rtol)
     ok = exp.scheme in frontier
-    return Outcome(ok, f"{exp.scheme} is {'' if ok else 'not '}on the bytes/ppl Pareto frontier "
-                       f"(frontier: {', '.join(frontier)})", frontier)
+    return Outcome(ok, f"{exp.scheme} is {'' if ok else 'not '}on the bytes/ppl Pareto frontier with perplexities "
+                       f"within {rtol:g} counted equal (frontier: {', '.join(frontier)})", frontier)
 
 
 def _health(exp: Expectation, results: dict) -> Outcome:

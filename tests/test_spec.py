@@ -107,3 +107,16 @@ def test_health_check_fails_on_rtn_fallback_and_raised_damping():
     assert "fell back to RTN" in check(spec.expect[0], fallback, spec).message
     damped = {"results": {"g": {"layers": {"l0": {"damp": 0.1}}}}, "health": []}
     assert "needed damp 0.1 > 0.05" in check(spec.expect[0], damped, spec).message
+
+
+def test_pareto_check_counts_perplexities_within_its_tolerance_as_equal():
+    results = {"results": {"fp32": {"bytes_total": 8e6, "ppl": 5.751, "nan_count": 0},
+                           "int8": {"bytes_total": 2e6, "ppl": 5.750, "nan_count": 0},
+                           "int4": {"bytes_total": 1e6, "ppl": 5.9, "nan_count": 0}},
+               "health": [], "sweeps": []}
+    schemes = {"fp32": "fp32", "int8": "int8-per-channel", "int4": "int4-g64"}
+    tolerant = parse_spec({"schemes": schemes, "expect": [{"check": "pareto_frontier", "schemes": ["fp32"]}]})
+    strict = parse_spec({"schemes": schemes, "expect": [{"check": "pareto_frontier", "schemes": ["fp32"], "ppl_rtol": 0}]})
+    assert check(tolerant.expect[0], results, tolerant).passed
+    outcome = check(strict.expect[0], results, strict)
+    assert not outcome.passed and "frontier: int4, int8" in outcome.message
