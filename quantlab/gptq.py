@@ -20,7 +20,9 @@ are the paper's, term for term. The same identity gives the loss for free:
 tr(D H D^T) = ||D R||^2 = sum_j ||(w_j - q_j) R[j, j] + G_j||^2.
 
 Lazy batch updates (the paper's Step 2): (*) is applied within a block of ``block_size`` columns one
-column at a time, and to all columns after the block once per block, as one matrix product.
+column at a time, and to all columns after the block once per block, as one matrix product. The
+rel_loss denominator tr(W H W^T) = ||W R||^2 is one more triangular product. On the 2-core CPU the
+whole call takes about 2x one 4096^3 matmul for a 4096 x 4096 weight (benchmarks/bench_gptq.py).
 
 Groups: with dynamic groups (the default) a group's scales come from the error-updated weights at the
 moment the solver reaches its first column, i.e. the weights that minimise the loss given the columns
@@ -51,6 +53,7 @@ class GPTQResult:
     loss:     tr(D H D^T), D = W - qtensor.dequantize(); None when H is unusable (NaN).
     rel_loss: loss / tr(W H W^T); None when that ratio is undefined (zero output on the calibration inputs).
     damp:     the dampening fraction actually used (raised when the Cholesky factorisation failed).
+    seconds:  wall time of the whole call.
     health:   events worth a user's attention, each {"event": ..., "detail": ...} with event one of
               damp_raised, rtn_fallback, no_calibration_tokens, nan.
     """
@@ -63,103 +66,13 @@ class GPTQResult:
     health: list = field(default_factory=list)
 
 
-# ----------------------------------------------------------------------------------------------
-# Losses (pure)
-
-
-def output_loss(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> float:
-    """tr(D H D^T) with D = W - W_hat: the mean squared output error on the inputs that made H."""
-    D = W.detach().to(torch.float32) - W_hat.detach().to(torch.float32)
-    return float(((D @ H.to(torch.float32)) * D).sum())
-
-
-def relative_loss(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> Optional[float]:
-    """tr(D H D^T) / tr(W H W^T); None when the layer's output on these inputs is zero."""
-    W = W.detach().to(torch.float32)
-    denominator = float(((W @ H.to(torch.float32)) * W).sum())
-    return _ratio(output_loss(W, W_hat, H), denominator)
-
-
-def _ratio(loss: Optional[float], denominator: float) -> Optional[float]:
-    if loss is None or not denominator > 0:
-        return None
-    return loss / denominator
-
-
-# ----------------------------------------------------------------------------------------------
-# The solver
-
-
-def _validate(W: torch.Tensor, H: torch.Tensor, scheme, damp: float, block_size: int) -> None:
-    if not isinstance(scheme, Scheme):
-        raise TypeError(f"gptq_quantize solves integer grids only, got {scheme!r}; "
-                        "float schemes (fp16/fp32) need no solver: round the weights with .to(dtype)")
-    if W.dim() != 2:
-        raise ValueError(f"W must be a 2-D (out, in) weight as in torch.nn.Linear, got shape {tuple(W.shape)}")
-    if tuple(H.shape) != (W.shape[1], W.shape[1]):
-        raise ValueError(f"H must be (in, in) = ({W.shape[1]}, {W.shape[1]}) for W of shape {tuple(W.shape)}, "
-                         f"got {tuple(H.shape)}; H is X^T X / n over inputs X (n, in)")
-    if not _all_finite(W):
-        raise ValueError("W contains NaN or Inf; it cannot be quantized")
-    if (H.diagonal() < 0).any():
-        raise ValueError("H has a negative diagonal entry, so it is not X^T X / n of any inputs; "
-                         "build it from the layer's inputs (quantlab.calibrate does)")
-    if not (isinstance(damp, (int, float)) and 0 < damp < float("inf")):
-        raise ValueError(f"damp must be a positive fraction of mean(diag H), typically 0.01; got {damp!r}")
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"block_size must be a positive integer (128 is typical), got {block_size!r}")
-
-
-def _upper_factor(H: torch.Tensor, damp: float, health: list):
-    """R upper triangular with R R^T = H + lambda I, lambda = damp * mean(diag H), raising damp x10 up
-    to DAMP_RETRIES times when the factorisation fails. Returns (R, damp used), or (None, damp) when H
-    cannot be factorised at all."""
-    mean_diag = float(H.diagonal().mean())
-    for attempt in range(DAMP_RETRIES + 1):
-        # The Cholesky factor of the reversed matrix J H J, reversed back, is the upper factor of H.
-        damped = H.flip(0, 1)                                     # a fresh copy, this loop's own
-        damped.diagonal().add_(damp * mean_diag)
-        L, info = torch.linalg.cholesky_ex(damped)
-        if int(info) == 0:
-            return L.flip(0, 1), damp
-        if attempt < DAMP_RETRIES:
-            health.append({"event": "damp_raised",
-                           "detail": f"Cholesky of H + {damp:g} * mean(diag H) * I failed; retrying with damp {damp * 10:g}"})
-            damp *= 10
-    return None, damp
-
-
-def _all_finite(x: torch.Tensor) -> bool:
-    """No NaN or Inf in x. aminmax propagates NaN, and is ~10x faster than isfinite(x).all() on 4096^2."""
-    if x.numel() == 0:
-        return True
-    low, high = torch.aminmax(x)
-    return math.isfinite(float(low)) and math.isfinite(float(high))
-
-
-def _rtn_fallback(W: torch.Tensor, H: torch.Tensor, scheme: Scheme, damp: float, started: float,
-                  health: list, loss_known: bool = True) -> GPTQResult:
-    qtensor = quantize_rtn(W, scheme)
-    if not loss_known:
-        return GPTQResult(qtensor, None, None, damp, time.perf_counter() - started, health)
-    loss = output_loss(W, qtensor.dequantize(), H)
-    rel = relative_loss(W, qtensor.dequantize(), H)
-    return GPTQResult(qtensor, loss, rel, damp, time.perf_counter() - started, health)
-
-
-def _block_bounds(n: int, block_size: int, group_starts: range) -> list:
-    """Block boundaries: every block_size columns, and also at every dynamic group's first column, so a
-    group always starts a block and sees the feedback of every column before it."""
-    starts = sorted(set(range(0, n, block_size)) | set(group_starts))
-    return list(zip(starts, starts[1:] + [n]))
-
-
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, scheme: Scheme, *, damp: float = 0.01,
                   block_size: int = 128, act_order: bool = False, static_groups: bool = False) -> GPTQResult:
     """Quantize W (out, in) with GPTQ against H (in, in) = X^T X / n. W and H are not modified.
 
     The result's qtensor uses the same grids, float16 scales and code conventions as
-    ``quantize_rtn``: with H = identity the codes are RTN's, code for code.
+    ``quantize_rtn``: with H = identity the codes are RTN's, code for code. ``block_size`` only
+    trades speed for memory traffic; it does not change a rounding decision.
     """
     started = time.perf_counter()
     _validate(W, H, scheme, damp, block_size)
@@ -168,10 +81,10 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, scheme: Scheme, *, damp: flo
     H = H.detach().to(torch.float32)
     n = W.shape[1]
 
-    if not _all_finite(H):
+    if not all_finite(H):
         health.append({"event": "nan", "detail": "H contains NaN or Inf (non-finite activations)"})
         health.append({"event": "rtn_fallback", "detail": "H is not finite, so GPTQ cannot use it"})
-        return _rtn_fallback(W, H, scheme, damp, started, health, loss_known=False)
+        return _rtn_fallback(W, None, scheme, damp, started, health)
     diag = H.diagonal()
     if (diag == 0).all():
         health.append({"event": "no_calibration_tokens",
@@ -203,7 +116,8 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, scheme: Scheme, *, damp: flo
     # out. Dead columns have D = 0 and W_work = 0, so their unit diagonal adds nothing.
     lam = damp_used * float(H_work.diagonal().mean())
     loss = max(0.0, solution.loss_damped - lam * solution.error_sq)
-    denominator = solution.signal_damped - lam * float(W_work.square().sum())
+    W_solving_order = W_work if order is None else W_work[:, order]
+    denominator = _triangular_weighted_norm(W_solving_order, R) - lam * float(torch.linalg.vector_norm(W_work)) ** 2
     if not (math.isfinite(loss) and math.isfinite(denominator)):
         health.append({"event": "nan", "detail": "the solve produced a non-finite loss"})
         health.append({"event": "rtn_fallback", "detail": "the GPTQ solution was not finite"})
@@ -212,17 +126,140 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, scheme: Scheme, *, damp: flo
                       time.perf_counter() - started, health)
 
 
+# ----------------------------------------------------------------------------------------------
+# Losses (pure)
+
+
+def output_loss(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> float:
+    """tr(D H D^T) with D = W - W_hat: the mean squared output error on the inputs that made H."""
+    D = W.detach().to(torch.float32) - W_hat.detach().to(torch.float32)
+    return float(((D @ H.to(torch.float32)) * D).sum())
+
+
+def relative_loss(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> Optional[float]:
+    """tr(D H D^T) / tr(W H W^T); None when the layer's output on these inputs is zero."""
+    W = W.detach().to(torch.float32)
+    denominator = float(((W @ H.to(torch.float32)) * W).sum())
+    return _ratio(output_loss(W, W_hat, H), denominator)
+
+
+def _ratio(loss: Optional[float], denominator: float) -> Optional[float]:
+    if loss is None or not denominator > 0:
+        return None
+    return loss / denominator
+
+
+# ----------------------------------------------------------------------------------------------
+# Small utilities (also used by quantlab.calibrate)
+
+
+def all_finite(x: torch.Tensor) -> bool:
+    """No NaN or Inf in x. aminmax propagates NaN, and is ~10x faster than isfinite(x).all() on 4096^2."""
+    if x.numel() == 0:
+        return True
+    low, high = torch.aminmax(x)
+    return math.isfinite(float(low)) and math.isfinite(float(high))
+
+
 @contextmanager
-def _one_thread():
-    """Run the per-column work on one thread. Its operations touch a few thousand floats: too little
-    to split, and on a busy machine waiting for the second thread costs far more than the work (measured
-    on the 2-core CPU under load: torch.round on 4096 floats, 1.5 us on one thread, 3 ms on two)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def torch_threads(count: int):
+    """Run the enclosed torch work on ``count`` threads, then restore the previous setting. For work
+    too small to split: on the busy 2-core CPU, OpenMP threads spinning while they wait for each other
+    made the per-column loop 15x slower on two threads than on one (measured)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
     try:
         yield
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(previous)
+
+
+# ----------------------------------------------------------------------------------------------
+# The solver's steps
+
+
+def _validate(W: torch.Tensor, H: torch.Tensor, scheme, damp: float, block_size: int) -> None:
+    if not isinstance(scheme, Scheme):
+        raise TypeError(f"gptq_quantize solves integer grids only, got {scheme!r}; "
+                        "float schemes (fp16/fp32) need no solver: round the weights with .to(dtype)")
+    if W.dim() != 2:
+        raise ValueError(f"W must be a 2-D (out, in) weight as in torch.nn.Linear, got shape {tuple(W.shape)}")
+    if tuple(H.shape) != (W.shape[1], W.shape[1]):
+        raise ValueError(f"H must be (in, in) = ({W.shape[1]}, {W.shape[1]}) for W of shape {tuple(W.shape)}, "
+                         f"got {tuple(H.shape)}; H is X^T X / n over inputs X (n, in)")
+    if not all_finite(W):
+        raise ValueError("W contains NaN or Inf; it cannot be quantized")
+    if (H.diagonal() < 0).any():
+        raise ValueError("H has a negative diagonal entry, so it is not X^T X / n of any inputs; "
+                         "build it from the layer's inputs (quantlab.calibrate does)")
+    if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not 0 < damp < float("inf"):
+        raise ValueError(f"damp must be a positive fraction of mean(diag H), typically 0.01; got {damp!r}")
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive integer (128 is typical), got {block_size!r}")
+
+
+def _rtn_fallback(W: torch.Tensor, H: Optional[torch.Tensor], scheme: Scheme, damp: float, started: float,
+                  health: list) -> GPTQResult:
+    """Round-to-nearest, with its loss on H (None when H is unusable)."""
+    qtensor = quantize_rtn(W, scheme)
+    loss = rel_loss = None
+    if H is not None:
+        loss = output_loss(W, qtensor.dequantize(), H)
+        rel_loss = relative_loss(W, qtensor.dequantize(), H)
+    return GPTQResult(qtensor, loss, rel_loss, damp, time.perf_counter() - started, health)
+
+
+def _upper_factor(H: torch.Tensor, damp: float, health: list):
+    """R upper triangular with R R^T = H + lambda I, lambda = damp * mean(diag H), raising damp x10 up
+    to DAMP_RETRIES times when the factorisation fails. Returns (R, damp used), or (None, damp) when H
+    cannot be factorised at all."""
+    mean_diag = float(H.diagonal().mean())
+    for attempt in range(DAMP_RETRIES + 1):
+        # The Cholesky factor of the reversed matrix J H J, reversed back, is the upper factor of H.
+        damped = H.flip(0, 1)                                     # a fresh copy, this loop's own
+        damped.diagonal().add_(damp * mean_diag)
+        L, info = torch.linalg.cholesky_ex(damped)
+        if int(info) == 0:
+            return L.flip(0, 1), damp
+        if attempt < DAMP_RETRIES:
+            health.append({"event": "damp_raised",
+                           "detail": f"Cholesky of H + {damp:g} * mean(diag H) * I failed; retrying with damp {damp * 10:g}"})
+            damp *= 10
+    return None, damp
+
+
+def _triangular_weighted_norm(W: torch.Tensor, R: torch.Tensor, chunk: int = 512) -> float:
+    """||W R||^2 = tr(W R R^T W^T) for upper triangular R, a chunk of columns of W R at a time so the
+    zeros below R's diagonal cost nothing: half a full (out, n, n) product. (512 columns: on the 2-core
+    CPU twice as fast as 128-column chunks, with no gain beyond.)"""
+    n = W.shape[1]
+    total = 0.0
+    for c1 in range(0, n, chunk):
+        c2 = min(c1 + chunk, n)
+        total += float(torch.linalg.vector_norm(W[:, :c2] @ R[:c2, c1:c2])) ** 2   # columns c1:c2 of W R
+    return total
+
+
+class _GroupGrids:
+    """Each group's scales and zero points: as stored (float16, int16) for the QTensor, and as float32
+    for the column loop, converted once per group rather than by quantize/dequantize at every column.
+    Each entry is a (rows,) vector: rows is 1 per tensor, ``out`` otherwise."""
+
+    def __init__(self):
+        self.scales, self.zeros, self.for_loop = [], [], []
+
+    def add(self, scales: torch.Tensor, zeros: Optional[torch.Tensor]) -> None:
+        """Append the groups of compute_scales' output: (rows, n_groups) each."""
+        for g in range(scales.shape[1]):
+            zero = None if zeros is None else zeros[:, g]
+            self.scales.append(scales[:, g])
+            self.zeros.append(zero)
+            self.for_loop.append((scales[:, g].to(torch.float32), None if zero is None else zero.to(torch.float32)))
+
+    def stacked(self):
+        """(scales, zeros) as QTensor stores them: (rows, n_groups), zeros None when symmetric."""
+        zeros = None if self.zeros[0] is None else torch.stack(self.zeros, dim=1)
+        return torch.stack(self.scales, dim=1), zeros
 
 
 @dataclass
@@ -230,7 +267,13 @@ class _Solution:
     qtensor: QTensor
     loss_damped: float     # tr(D (H + lambda I) D^T) = ||D R||^2
     error_sq: float        # ||D||^2
-    signal_damped: float   # tr(W (H + lambda I) W^T) = ||W R||^2
+
+
+def _block_bounds(n: int, block_size: int, group_starts: range) -> list:
+    """Block boundaries: every block_size columns, and also at every dynamic group's first column, so a
+    group always starts a block and sees the feedback of every column before it."""
+    starts = sorted(set(range(0, n, block_size)) | set(group_starts))
+    return list(zip(starts, starts[1:] + [n]))
 
 
 def _solve(W: torch.Tensor, R: torch.Tensor, order: Optional[torch.Tensor], scheme: Scheme, block_size: int,
@@ -247,55 +290,54 @@ def _solve(W: torch.Tensor, R: torch.Tensor, order: Optional[torch.Tensor], sche
     codes_t = torch.empty(W_t.shape, dtype=torch.int8 if scheme.qmin < 0 or scheme.qmax < 128 else torch.int16)
     r_diag = R.diagonal()
 
+    grids = _GroupGrids()
     dynamic_groups = scheme.granularity == "group" and not static_groups
     if dynamic_groups:
-        group_of_step = torch.arange(n) // scheme.group_size            # groups are runs of the solving order
-        group_starts = range(0, n, scheme.group_size)
-        scale_rows, zero_rows = [], None if scheme.symmetric else []    # filled as the solver reaches each group
+        group_of_step = torch.arange(n) // scheme.group_size    # groups are runs of the solving order
+        group_starts = range(0, n, scheme.group_size)            # grids are added as the solver reaches them
     else:
         # Scales from the original weights: per tensor or channel that is what a dynamic solver sees
         # anyway (nothing is rounded before column 0); for static groups it is the point.
-        scales, zeros = compute_scales(W, scheme)
+        grids.add(*compute_scales(W, scheme))
         group_of_step = group_index(n, scheme) if order is None else group_index(n, scheme)[order]
         group_starts = range(0)
-        scale_rows, zero_rows = list(scales.t()), None if zeros is None else list(zeros.t())
-
     groups = group_of_step.tolist()
-    loss_damped = error_sq = signal_damped = 0.0
-    for i1, i2 in _block_bounds(n, block_size, group_starts):
-        if dynamic_groups and i1 % scheme.group_size == 0:
-            g2 = min(i1 + scheme.group_size, n)
-            # The loss-optimal weights given the columns already rounded: w_S + G_S R_SS^-1.
-            current = W_t[i1:g2] + torch.linalg.solve_triangular(R[i1:g2, i1:g2].t(), feedback[i1:g2], upper=False)
-            group_scales, group_zeros = compute_scales(current.t(), scheme)   # (out, 1)
-            scale_rows.append(group_scales[:, 0])
-            if zero_rows is not None:
-                zero_rows.append(group_zeros[:, 0])
 
-        errors = torch.empty(i2 - i1, W_t.shape[1])     # (B, out): w_j - q_j, original weights minus rounded
-        block_feedback = feedback[i1:i2]                 # (B, out) view
-        with _one_thread():
+    loss_damped = error_sq = 0.0
+    all_threads = torch.get_num_threads()
+    # Only the lazy update's matrix product is worth several threads: everything else touches a few
+    # thousand floats at a time (see torch_threads).
+    with torch_threads(1):
+        for i1, i2 in _block_bounds(n, block_size, group_starts):
+            if dynamic_groups and i1 % scheme.group_size == 0:
+                g2 = min(i1 + scheme.group_size, n)
+                # The loss-optimal weights given the columns already rounded: w_S + G_S R_SS^-1.
+                group_weights = W_t[i1:g2].t() + torch.linalg.solve_triangular(
+                    R[i1:g2, i1:g2], feedback[i1:g2].t(), upper=True, left=False)   # (out, gs)
+                grids.add(*compute_scales(group_weights, scheme))                   # one group
+
+            # w'_j of (*) for the block's columns, with the feedback of every column before the block.
+            current = W_t[i1:i2] + feedback[i1:i2] / r_diag[i1:i2, None]        # (B, out)
+            feedback_scaled = R[i1:i2, i1:i2] / r_diag[i1:i2]                   # (B, B): R[i, j] / R[j, j]
+            errors = torch.empty_like(current)      # (B, out): w_j - q_j, original weights minus rounded
             for k, j in enumerate(range(i1, i2)):
-                scale = scale_rows[groups[j]]
-                zero = None if zero_rows is None else zero_rows[groups[j]]
-                code = quantize(W_t[j] + block_feedback[k] / r_diag[j], scale, zero, scheme.qmin, scheme.qmax)
+                scale, zero = grids.for_loop[groups[j]]
+                code = quantize(current[k], scale, zero, scheme.qmin, scheme.qmax)
                 codes_t[j] = code
-                errors[k] = W_t[j] - dequantize(code, scale, zero)
+                torch.sub(W_t[j], dequantize(code, scale, zero), out=errors[k])
                 # (*) within the block: column j's error reaches the block's later columns now.
-                block_feedback[k + 1:].addr_(R[j, j + 1:i2], errors[k])
-        # (*) for every column after the block, in one product: the lazy batch update.
-        feedback[i2:].addmm_(R[i1:i2, i2:].t(), errors)
-
-        # This block's columns of D R = (w_j - q_j) R[j, j] + G_j, and of W R (for the denominator).
-        loss_damped += float((errors * r_diag[i1:i2, None] + block_feedback).square().sum())
-        error_sq += float(errors.square().sum())
-        signal_damped += float((R[:i2, i1:i2].t() @ W_t[:i2]).square().sum())
+                current[k + 1:].addr_(feedback_scaled[k, k + 1:], errors[k])
+            # This block's rows of E = D R: (w'_j - q_j) R[j, j], since w'_j - q_j = (w_j - q_j) + G_j / R[j, j].
+            loss_damped += float((current - W_t[i1:i2] + errors).mul_(r_diag[i1:i2, None]).square().sum())
+            error_sq += float(errors.square().sum())
+            with torch_threads(all_threads):
+                # (*) for every column after the block, in one product: the lazy batch update.
+                feedback[i2:].addmm_(R[i1:i2, i2:].t(), errors)
 
     codes = codes_t.t() if order is None else codes_t[torch.argsort(order)].t()   # (out, n), natural order
     g_idx = None
     if dynamic_groups and order is not None:
         g_idx = torch.empty(n, dtype=torch.long)
         g_idx[order] = group_of_step
-    qtensor = QTensor(codes.contiguous(), torch.stack(scale_rows, dim=1),
-                      None if zero_rows is None else torch.stack(zero_rows, dim=1), scheme, g_idx)
-    return _Solution(qtensor, loss_damped, error_sq, signal_damped)
+    scales, zeros = grids.stacked()
+    return _Solution(QTensor(codes.contiguous(), scales, zeros, scheme, g_idx), loss_damped, error_sq)

@@ -65,8 +65,8 @@ def learning_rate(step: int, s: TrainSettings) -> float:
 
 def random_windows(tokens: torch.Tensor, n: int, length: int, generator: torch.Generator) -> torch.Tensor:
     """(n, length) windows starting at seeded random offsets of the (N,) token stream."""
-    starts = torch.randint(0, tokens.numel() - length + 1, (n,), generator=generator)
-    return torch.stack([tokens[s:s + length] for s in starts.tolist()])
+    starts = torch.randint(0, tokens.numel() - length + 1, (n,), generator=generator)    # (n,)
+    return tokens[starts[:, None] + torch.arange(length)[None, :]]                          # (n, length)
 
 
 def training_batch(shakespeare: torch.Tensor, verbs: torch.Tensor, s: TrainSettings, block_size: int,

@@ -1,0 +1,246 @@
+"""The sequential calibration pipeline: what it quantizes, against which inputs, what it reports."""
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from quantlab.calibrate import InputStatistics, _input_groups, quantize_model
+from quantlab.gptq import relative_loss
+from quantlab.models.base import LanguageModel
+from quantlab.models.minigpt import CHECKPOINT_DIR, MiniGPT, MiniGPTConfig, load_checkpoint, wrap
+from quantlab.quant import PRESETS, Scheme, quantize_rtn
+
+INT4_G16 = Scheme(4, group_size=16)
+
+
+def random_minigpt(seed: int = 0):
+    torch.manual_seed(seed)
+    return wrap(MiniGPT(MiniGPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=32)))
+
+
+def random_tokens(n: int, seq_len: int = 32, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 256, (n, seq_len), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def minigpt():
+    return random_minigpt()
+
+
+@pytest.fixture(scope="module")
+def gptq_result(minigpt):
+    return quantize_model(minigpt, INT4_G16, random_tokens(8), method="gptq", heldout=random_tokens(4, seed=1))
+
+
+def capture_input(model: LanguageModel, linear_name: str, tokens: torch.Tensor) -> torch.Tensor:
+    """What ``linear_name`` reads when ``model`` runs on ``tokens``: (tokens, in)."""
+    captured = []
+    handle = model.module.get_submodule(linear_name).register_forward_pre_hook(
+        lambda module, args: captured.append(args[0].reshape(-1, args[0].shape[-1])))
+    try:
+        with torch.no_grad():
+            model.logits(tokens)
+    finally:
+        handle.remove()
+    return torch.cat(captured)
+
+
+# ----------------------------------------------------------------------------------------------
+# What is quantized
+
+
+def test_input_model_is_untouched(minigpt, gptq_result):
+    fresh = random_minigpt()
+    for (name, p), (_, q) in zip(minigpt.module.named_parameters(), fresh.module.named_parameters()):
+        assert torch.equal(p, q), name
+
+
+def test_block_linears_hold_the_dequantized_weights(minigpt, gptq_result):
+    assert set(gptq_result.qtensors) == set(minigpt.all_linear_names())
+    for name, qtensor in gptq_result.qtensors.items():
+        assert torch.equal(gptq_result.model.module.get_submodule(name).weight, qtensor.dequantize())
+
+
+def test_embeddings_norms_and_lm_head_are_not_quantized(minigpt, gptq_result):
+    quantized = dict(gptq_result.model.module.named_parameters())
+    for name, p in minigpt.module.named_parameters():
+        if not any(name.startswith(linear + ".weight") for linear in gptq_result.qtensors):
+            assert torch.equal(quantized[name], p), name
+
+
+def test_bytes_count_packed_linears_and_float16_for_the_rest(minigpt, gptq_result):
+    linear_params = {n: minigpt.module.get_submodule(n).weight for n in gptq_result.qtensors}
+    other = sum(p.numel() for p in minigpt.module.parameters() if all(p is not w for w in linear_params.values()))
+    assert gptq_result.bytes["bytes_linear"] == sum(q.nbytes for q in gptq_result.qtensors.values())
+    assert gptq_result.bytes["bytes_total"] == gptq_result.bytes["bytes_linear"] + 2 * other
+
+
+def test_rtn_without_calibration_is_plain_rtn_per_layer(minigpt):
+    result = quantize_model(minigpt, INT4_G16, None)
+    for name, qtensor in result.qtensors.items():
+        assert torch.equal(qtensor.codes, quantize_rtn(minigpt.module.get_submodule(name).weight, INT4_G16).codes)
+    assert result.health == []
+    assert all(layer["rel_loss"] is None for layer in result.layers.values())
+
+
+@pytest.mark.parametrize("preset, element_bytes", [("fp16", 2), ("fp32", 4)])
+def test_float_schemes_round_through_their_dtype(minigpt, preset, element_bytes):
+    result = quantize_model(minigpt, PRESETS[preset], None)
+    weight = minigpt.module.get_submodule("blocks.0.mlp.c_fc").weight
+    dtype = {"fp16": torch.float16, "fp32": torch.float32}[preset]
+    assert torch.equal(result.model.module.get_submodule("blocks.0.mlp.c_fc").weight, weight.to(dtype).float())
+    assert result.qtensors == {}
+    assert result.bytes["bytes_total"] == element_bytes * sum(p.numel() for p in minigpt.module.parameters())
+
+
+# ----------------------------------------------------------------------------------------------
+# Against which inputs
+
+
+class ToyBlock(nn.Module):
+    """A Llama-shaped block: q, k, v read one tensor, gate and up read another."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.q, self.k, self.v, self.o = (nn.Linear(width, width) for _ in range(4))
+        self.gate, self.up = nn.Linear(width, 2 * width), nn.Linear(width, 2 * width)
+        self.down = nn.Linear(2 * width, width)
+
+    def forward(self, x):
+        x = x + self.o(self.q(x) * self.k(x) + self.v(x))
+        return x + self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+class ToyModel(LanguageModel):
+    def logits(self, tokens):
+        x = self.module.embed(tokens)
+        for block in self.module.blocks:
+            x = block(x)
+        return self.module.head(x)
+
+
+def toy_model() -> ToyModel:
+    torch.manual_seed(0)
+    module = nn.Module()
+    module.embed, module.blocks, module.head = nn.Embedding(256, 16), nn.ModuleList([ToyBlock(16)]), nn.Linear(16, 256)
+    return ToyModel("toy", module.eval(), module.blocks, vocab_size=256, max_seq_len=32)
+
+
+def test_linears_reading_the_same_tensor_form_one_group_in_execution_order():
+    model = toy_model()
+    with torch.no_grad():
+        groups = _input_groups(model, 0, model.block_inputs(random_tokens(2, 8)))
+    assert groups == [["blocks.0.q", "blocks.0.k", "blocks.0.v"], ["blocks.0.o"],
+                      ["blocks.0.gate", "blocks.0.up"], ["blocks.0.down"]]
+
+
+def test_a_group_shares_one_hessian():
+    layers = quantize_model(toy_model(), INT4_G16, random_tokens(4, 8), method="gptq").layers
+    for statistic in ("h_cond", "input_absmax", "n_tokens"):
+        assert layers["blocks.0.q"][statistic] == layers["blocks.0.k"][statistic] == layers["blocks.0.v"][statistic]
+    assert layers["blocks.0.q"]["input_absmax"] != layers["blocks.0.o"]["input_absmax"]
+
+
+@pytest.mark.parametrize("layer", ["blocks.0.attn.c_proj", "blocks.1.attn.c_attn"])
+def test_layer_hessians_come_from_inputs_through_the_already_quantized_layers(minigpt, layer):
+    # Coarse INT3 so quantized and float inputs differ clearly. blocks.0.attn.c_proj reads the output
+    # of the quantized c_attn; blocks.1.attn.c_attn reads the output of the quantized block 0.
+    scheme, tokens = Scheme(3, group_size=16), random_tokens(8)
+    result = quantize_model(minigpt, scheme, tokens, method="rtn")
+    W = minigpt.module.get_submodule(layer).weight
+    W_rtn = quantize_rtn(W, scheme).dequantize()
+    X_sequential = capture_input(result.model, layer, tokens)
+    X_float = capture_input(minigpt, layer, tokens)
+    sequential = relative_loss(W, W_rtn, X_sequential.T @ X_sequential / X_sequential.shape[0])
+    from_float_model = relative_loss(W, W_rtn, X_float.T @ X_float / X_float.shape[0])
+    assert result.layers[layer]["rtn_rel_loss"] == pytest.approx(sequential, rel=1e-4)
+    assert result.layers[layer]["rtn_rel_loss"] != pytest.approx(from_float_model, rel=1e-3)
+
+
+def test_running_mean_hessian_equals_the_batch_formula():
+    X = torch.randn(100, 6, generator=torch.Generator().manual_seed(0))
+    stats = InputStatistics(6)
+    for chunk in X.split(7):
+        stats.add(chunk)
+    assert torch.allclose(stats.hessian, X.T @ X / 100, rtol=1e-5, atol=1e-6)
+    assert stats.n_tokens == 100
+    assert torch.equal(stats.channel_absmax, X.abs().amax(dim=0))
+
+
+# ----------------------------------------------------------------------------------------------
+# What is reported
+
+
+def test_gptq_beats_rtn_on_every_layer_of_a_random_minigpt(gptq_result):
+    for name, layer in gptq_result.layers.items():
+        assert layer["rel_loss"] < layer["rtn_rel_loss"], name
+    assert gptq_result.mean("rel_loss") < gptq_result.mean("rtn_rel_loss")
+
+
+def test_every_layer_reports_every_statistic(gptq_result):
+    for name, layer in gptq_result.layers.items():
+        for statistic in ("rel_loss", "rtn_rel_loss", "heldout_rel_loss", "damp", "seconds", "h_cond",
+                          "h_diag_spread", "input_absmax", "outlier_ratio"):
+            assert isinstance(layer[statistic], float) and layer[statistic] >= 0, (name, statistic)
+        assert layer["n_tokens"] == 8 * 32
+
+
+def test_gptq_without_calibration_reports_no_calibration_tokens_per_layer(minigpt):
+    result = quantize_model(minigpt, INT4_G16, None, method="gptq")
+    assert [(h["layer"], h["event"]) for h in result.health] == [
+        (name, "no_calibration_tokens") for name in minigpt.all_linear_names()]
+    assert len(result.qtensors) == len(minigpt.all_linear_names())
+
+
+def test_same_inputs_give_the_same_quantized_model(minigpt, gptq_result):
+    again = quantize_model(minigpt, INT4_G16, random_tokens(8), method="gptq", heldout=random_tokens(4, seed=1))
+    for name, qtensor in gptq_result.qtensors.items():
+        assert torch.equal(again.qtensors[name].codes, qtensor.codes), name
+    assert again.layers.keys() == gptq_result.layers.keys()
+    assert all(again.layers[n]["rel_loss"] == gptq_result.layers[n]["rel_loss"] for n in again.layers)
+
+
+def test_progress_bar_is_silent_unless_asked(minigpt, capsys):
+    quantize_model(minigpt, INT4_G16, None)
+    assert capsys.readouterr().err == ""
+    quantize_model(minigpt, INT4_G16, None, progress=True)
+    assert "block" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("tokens, message", [
+    (torch.rand(2, 8), "integer token tensor"),
+    (torch.zeros(2, 64, dtype=torch.long), "reads at most 32"),
+    (torch.full((2, 8), 300), r"must lie in \[0, 256\)"),
+])
+def test_bad_calibration_tokens_are_rejected_with_a_fix(minigpt, tokens, message):
+    with pytest.raises(ValueError, match=message):
+        quantize_model(minigpt, INT4_G16, tokens, method="gptq")
+
+
+def test_unknown_method_is_rejected(minigpt):
+    with pytest.raises(ValueError, match="method must be one of rtn, gptq"):
+        quantize_model(minigpt, INT4_G16, None, method="awq")
+
+
+# ----------------------------------------------------------------------------------------------
+# The trained MiniGPT
+
+CHECKPOINT = Path(CHECKPOINT_DIR) / "minigpt-shakespeare"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (CHECKPOINT / "model.safetensors").is_file(), reason="MiniGPT checkpoint not committed yet")
+def test_more_calibration_samples_lower_the_held_out_error_on_the_trained_minigpt():
+    from quantlab.data import calibration_windows, load_text
+
+    model = load_checkpoint(CHECKPOINT)
+    train = model.encode(load_text("shakespeare", "train"))
+    heldout = calibration_windows(model.encode(load_text("shakespeare", "validation")), 8, 64, seed=1)
+    held_out_error = []
+    for n_samples in (4, 16, 64):
+        result = quantize_model(model, Scheme(4, group_size=64), calibration_windows(train, n_samples, 64, seed=0),
+                                method="gptq", heldout=heldout)
+        held_out_error.append(result.mean("heldout_rel_loss"))
+    assert held_out_error[0] > held_out_error[1] > held_out_error[2]
