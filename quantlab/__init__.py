@@ -1,5 +1,11 @@
 """quantlab: a spec-driven test-and-benchmark suite for post-training weight quantization."""
 
+import os
+
+# OpenMP threads that spin while waiting make GPTQ's many small per-column steps dozens of times slower
+# on a busy 2-core machine. Must be set before torch is first imported.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 __version__ = "0.1.0"
 
 

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from quantlab.gptq import all_finite, gptq_quantize, relative_loss, torch_threads
 from quantlab.models.base import LanguageModel
-from quantlab.quant import FLOAT_DTYPES, FloatScheme, QTensor, Scheme, model_bytes, quantize_rtn
+from quantlab.quant import FLOAT_DTYPES, FloatScheme, Scheme, model_bytes, quantize_rtn
 
 METHODS = ("rtn", "gptq")
 # Every layer reports all of these (None when not measured); heldout_rel_loss only with held-out tokens.
@@ -52,7 +52,7 @@ class QuantizedModel:
     model: LanguageModel
     scheme: Union[Scheme, FloatScheme]
     method: str
-    qtensors: dict = field(default_factory=dict)
+    qtensors: dict = field(default_factory=dict)   # name -> quantlab.quant.QTensor
     layers: dict = field(default_factory=dict)
     health: list = field(default_factory=list)
     seconds: float = 0.0
@@ -230,7 +230,8 @@ def _validate(model, scheme, calibration, heldout, method, batch_size) -> None:
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     if method == "gptq" and isinstance(scheme, FloatScheme):
-        raise ValueError(f"method 'gptq' needs an integer scheme; {scheme.dtype} weights are only rounded, use method 'rtn'")
+        raise ValueError(f"method 'gptq' needs an integer scheme; {scheme.dtype} weights are only rounded, "
+                         "use method 'rtn'")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     for label, tokens in (("calibration", calibration), ("heldout", heldout)):

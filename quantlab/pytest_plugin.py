@@ -207,15 +207,25 @@ def _differences(old, new, prefix="") -> list:
     return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
 
 
+def golden_regression(request, tmp_path, spec):
+    """pytest-regressions' num_regression, built here rather than requested as a fixture: its
+    `original_datadir` fixture is module-scoped, and a spec file is not a Python module."""
+    from pytest_datadir.plugin import LazyDataDir
+    from pytest_regressions.num_regression import NumericRegressionFixture
+
+    return NumericRegressionFixture(LazyDataDir(golden_root(spec), tmp_path), golden_root(spec), request)
+
+
 def _nan(v):
     return float("nan") if v is None else float(v)
 
 
 def _golden_metrics_test(spec):
-    def test_golden_metrics(request, num_regression):
+    def test_golden_metrics(request, tmp_path):
         __tracebackhide__ = True
         from quantlab.spec import metric_value
 
+        num_regression = golden_regression(request, tmp_path, spec)
         results = spec_results(request.config, spec)
         _check_fingerprint(request, spec, results)
         failures = []
@@ -225,17 +235,19 @@ def _golden_metrics_test(spec):
             try:
                 num_regression.check(data, fullpath=golden_root(spec) / f"{metric}.csv",
                                      default_tolerance=tolerance)
-            except AssertionError as e:
-                failures.append(f"{metric} (tolerance {tolerance}):\n{e}")
+            except (AssertionError, pytest.fail.Exception) as e:  # drift, or a file (re)written: check them all
+                failures.append((isinstance(e, AssertionError), f"{metric} (tolerance {tolerance}):\n{e}"))
         if failures:
-            pytest.fail(f"{spec.source}: golden drift beyond tolerance\n\n" + "\n\n".join(failures), pytrace=False)
+            what = "golden drift beyond tolerance" if any(drift for drift, _ in failures) else "golden files written"
+            pytest.fail(f"{spec.source}: {what}\n\n" + "\n\n".join(text for _, text in failures), pytrace=False)
 
     return test_golden_metrics
 
 
 def _golden_layers_test(spec):
-    def test_golden_layers(request, num_regression):
+    def test_golden_layers(request, tmp_path):
         __tracebackhide__ = True
+        num_regression = golden_regression(request, tmp_path, spec)
         results = spec_results(request.config, spec)
         _check_fingerprint(request, spec, results)
         metric = spec.golden.layers["metric"]

@@ -7,12 +7,20 @@ from torch import nn
 from torch.nn import functional as F
 
 from quantlab.calibrate import InputStatistics, _input_groups, quantize_model
-from quantlab.gptq import relative_loss
+from quantlab.gptq import relative_loss, torch_threads
 from quantlab.models.base import LanguageModel
 from quantlab.models.minigpt import CHECKPOINT_DIR, MiniGPT, MiniGPTConfig, load_checkpoint, wrap
 from quantlab.quant import PRESETS, Scheme, quantize_rtn
 
 INT4_G16 = Scheme(4, group_size=16)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These models and matrices are tiny: on the shared 2-core CPU, a second OpenMP thread only adds
+    waiting (measured: the trained-MiniGPT test took 93 s on two threads under load, 6 s on one)."""
+    with torch_threads(1):
+        yield
 
 
 def random_minigpt(seed: int = 0):
