@@ -59,9 +59,13 @@ def test_reproduces_its_recorded_verb_tense_accuracy(model, recorded):
     with torch.inference_mode():
         logprobs = torch.log_softmax(model.logits(batch[:, :-1]), dim=-1)         # (B, W-1, V)
     token_logprobs = logprobs.gather(-1, batch[:, 1:, None])[..., 0]              # (B, W-1)
+    # Byte tokens: the continuation starts at byte len(prefix); token t is scored by logits at t - 1.
     scores = [float(token_logprobs[row, len(prefix.encode()) - 1: len(seq) - 1].double().sum())
               for row, ((prefix, _), seq) in enumerate(zip(pairs, sequences))]
-    correct = sum(max(range(3), key=lambda j: scores[3 * i + j]) == item.answer for i, item in enumerate(items))
+    n_choices = len(items[0].choices)
+    assert all(len(item.choices) == n_choices for item in items)
+    correct = sum(max(range(n_choices), key=lambda j: scores[n_choices * i + j]) == item.answer
+                  for i, item in enumerate(items))
     acc = correct / len(items)
     # Near-ties may flip between batch shapes; one item either way is float noise, not a regression.
     assert recorded["verb_tense"]["n"] == len(items)

@@ -29,12 +29,13 @@ def test_third_person_singular_follows_english_spelling(base, expected):
     (HE, "future", "Tomorrow", "Tomorrow he will walk to the store."),
 ])
 def test_time_cue_and_subject_decide_the_verb_form(subject, tense, cue, expected):
-    assert make_sentence(subject, WALK, tense, cue, "to the store", cue_at_end=False).text == expected
+    assert make_sentence(subject, WALK, tense, cue, "to the store").text == expected
 
 
-def test_cue_at_the_end_capitalises_the_subject_instead():
-    sentence = make_sentence(Subject("the baker", True), WALK, "past", "Last week", "home", cue_at_end=True)
-    assert sentence.text == "The baker walked home last week."
+def test_noun_phrase_subjects_agree_by_number():
+    baker, bakers = Subject("the baker", True), Subject("the bakers", False)
+    assert make_sentence(baker, WALK, "habitual", "Often", "home").text == "Often the baker walks home."
+    assert make_sentence(bakers, WALK, "habitual", "Often", "home").text == "Often the bakers walk home."
 
 
 def test_vocabulary_has_several_hundred_verb_object_pairs_with_distinct_forms():

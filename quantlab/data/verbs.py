@@ -222,7 +222,9 @@ PLURAL_NOUNS = (
     "the nurses",
 )
 
-# Tense -> time cues; each cue as it reads at the start of a sentence and, if natural, at the end.
+# Tense -> time cues. The cue always opens the sentence, before the verb: a causal model reads it
+# before choosing the form (a cue after the verb would test backward consistency, which tiny models
+# learn far more slowly than tense itself).
 TIME_CUES = {
     "past": ("Yesterday", "Last night", "Last week", "Last year", "Two days ago", "Last summer",
              "A week ago", "The day before yesterday"),
@@ -231,8 +233,6 @@ TIME_CUES = {
     "future": ("Tomorrow", "Next week", "Next year", "Tomorrow morning", "Soon", "Next month",
                "In two days", "Next summer"),
 }
-CUES_ONLY_AT_START = {"Usually"}   # "He walks home usually." is not idiomatic
-CUE_AT_END_FRACTION = 0.25
 
 
 @dataclass(frozen=True)
@@ -313,12 +313,7 @@ class VerbSentence:
         return self.before + self.forms[self.answer] + self.after
 
 
-def _capitalise(text: str) -> str:
-    return text[0].upper() + text[1:]
-
-
-def make_sentence(subject: Subject, verb: Verb, tense: str, cue: str, complement: str,
-                  cue_at_end: bool) -> VerbSentence:
+def make_sentence(subject: Subject, verb: Verb, tense: str, cue: str, complement: str) -> VerbSentence:
     if tense == "past":
         answer, auxiliary = 2, ""
     elif tense == "habitual":
@@ -327,13 +322,8 @@ def make_sentence(subject: Subject, verb: Verb, tense: str, cue: str, complement
         answer, auxiliary = 0, "will "   # "will" takes the base form for every subject
     else:
         raise ValueError(f"unknown tense {tense!r}; choose one of {', '.join(TIME_CUES)}")
-    if cue_at_end:
-        before = f"{_capitalise(subject.text)} {auxiliary}"
-        after = f" {complement} {cue[0].lower() + cue[1:]}."
-    else:
-        before = f"{cue} {subject.text} {auxiliary}"
-        after = f" {complement}."
-    return VerbSentence(subject.text, verb.base, before, after, verb.forms, answer)
+    return VerbSentence(subject.text, verb.base, before=f"{cue} {subject.text} {auxiliary}",
+                        after=f" {complement}.", forms=verb.forms, answer=answer)
 
 
 def sample_sentences(split: str, rng: random.Random, n: int) -> list[VerbSentence]:
@@ -345,8 +335,7 @@ def sample_sentences(split: str, rng: random.Random, n: int) -> list[VerbSentenc
         subject, verb = rng.choice(pairs)
         tense = rng.choice(tenses)
         cue = rng.choice(TIME_CUES[tense])
-        cue_at_end = cue not in CUES_ONLY_AT_START and rng.random() < CUE_AT_END_FRACTION
-        sentences.append(make_sentence(subject, verb, tense, cue, rng.choice(verb.complements), cue_at_end))
+        sentences.append(make_sentence(subject, verb, tense, cue, rng.choice(verb.complements)))
     return sentences
 
 

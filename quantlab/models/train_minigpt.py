@@ -26,22 +26,26 @@ from quantlab.models.minigpt import MiniGPT, MiniGPTConfig, save_checkpoint, wra
 # The held-out protocol recorded with the checkpoint (tests recompute it with exactly these numbers).
 HELDOUT_SEQ_LEN = 256
 HELDOUT_MAX_TOKENS = 65536
-# The committed checkpoint's size: sized to train in about 20-25 minutes on a shared 2-core CPU.
-# n_embd is a multiple of 64 and above 128, so INT4 group sizes 64 and 128 quantize differently.
-CHECKPOINT_CONFIG = MiniGPTConfig(block_size=256, n_layer=4, n_head=3, n_embd=192)
+# The committed checkpoint's size, sized to train in about 20-30 minutes on one thread of a shared CPU.
+# At that budget 3 layers trained for 2000 steps beat 4 layers for 1600 (held-out ppl 5.62 vs 5.85,
+# verb tense 94% vs 92%). n_embd is a multiple of 64 but not of 128, so INT4 groups of 64 and 128 differ.
+CHECKPOINT_CONFIG = MiniGPTConfig(block_size=256, n_layer=3, n_head=3, n_embd=192)
 
 
 @dataclass(frozen=True)
 class TrainSettings:
     seed: int = 0
-    steps: int = 1200
+    steps: int = 2000
     batch_size: int = 16
     lr: float = 3e-3
     min_lr_ratio: float = 0.1      # cosine decays to lr * min_lr_ratio
     warmup_steps: int = 50
     weight_decay: float = 0.1
     grad_clip: float = 1.0
-    verb_fraction: float = 0.3     # share of each batch's rows drawn from the verb corpus
+    # Share of each batch's rows drawn from the verb corpus. Tense agreement is learned only after
+    # many verb sentences, so the verbs get a large share; Shakespeare's held-out loss did not suffer
+    # for it (4 layers, 1200-1500 steps: 30% verbs gave ppl 5.75, 50% gave 5.71).
+    verb_fraction: float = 0.6
     verb_sentences: int = 60000
     threads: int = 1   # one thread: reproducible anywhere, and no spin-waiting on a shared CPU
 
