@@ -7,7 +7,6 @@ recomputes only what changed.
 """
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import logging

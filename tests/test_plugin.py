@@ -1,7 +1,6 @@
 """The pytest plugin end to end, with pytester: collection, item ids, failure messages, located spec
 errors, xfail, golden regeneration and drift, and the report extras."""
 import json
-import textwrap
 
 import pytest
 
