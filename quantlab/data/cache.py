@@ -52,7 +52,8 @@ def fetch_package(requirement: str, filename: str, sha256: str, *, sdist: bool =
             detail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
             raise FetchError(
                 f"could not fetch {requirement} into {target.parent} ({detail[0]}); with no network, "
-                f"copy {filename} there by hand (run `{' '.join(cmd[:-3] + ['-d', str(target.parent), requirement])}` "
+                f"copy {filename} there by hand (run `pip download --no-deps "
+                f"{'--no-binary :all:' if sdist else '--only-binary :all:'} -d {target.parent} {requirement}` "
                 f"on a machine with PyPI access), or set QUANTLAB_CACHE to a directory that has it")
         got = sha256_of(fetched)
         if got != sha256:
