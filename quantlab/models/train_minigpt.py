@@ -18,8 +18,8 @@ import torch
 from torch.nn import functional as F
 
 from quantlab.data.shakespeare import shakespeare_split
-from quantlab.data.tasks import MCItem
 from quantlab.data.verbs import verb_tense_task, verbs_text
+from quantlab.evaluate import perplexity, task_accuracy
 from quantlab.models.base import LanguageModel
 from quantlab.models.minigpt import MiniGPT, MiniGPTConfig, save_checkpoint, wrap
 
@@ -82,63 +82,13 @@ def training_batch(shakespeare: torch.Tensor, verbs: torch.Tensor, s: TrainSetti
     return rows[:, :-1], rows[:, 1:]
 
 
-# --- evaluation: the protocol recorded in config.json ------------------------------------------
-@torch.inference_mode()
-def heldout_nll(model: LanguageModel, tokens: torch.Tensor, seq_len: int, batch_windows: int = 32):
-    """Mean next-token NLL (nats) over non-overlapping ``seq_len`` windows of ``tokens`` (the last,
-    incomplete window is dropped); each window predicts its positions 1..seq_len-1 from its own
-    earlier tokens. Returns (mean NLL, number of scored tokens)."""
-    n_windows = tokens.numel() // seq_len
-    if n_windows == 0:
-        raise ValueError(f"need at least {seq_len} tokens for one evaluation window, got {tokens.numel()}")
-    windows = tokens[: n_windows * seq_len].view(n_windows, seq_len)          # (W, T)
-    total, count = 0.0, 0
-    for chunk in windows.split(batch_windows):
-        logits = model.logits(chunk[:, :-1])                                   # (b, T-1, V)
-        nll = F.cross_entropy(logits.flatten(0, 1), chunk[:, 1:].flatten(), reduction="sum")
-        total += float(nll.double())
-        count += chunk[:, 1:].numel()
-    return total / count, count
-
-
+# --- evaluation: the protocol recorded in config.json (quantlab.evaluate, as every spec uses) ----
 def heldout_metrics(model: LanguageModel) -> dict:
-    tokens = model.encode(shakespeare_split("test"))[:HELDOUT_MAX_TOKENS]
-    nll, count = heldout_nll(model, tokens, HELDOUT_SEQ_LEN)
+    """Perplexity on the first HELDOUT_MAX_TOKENS bytes of the test plays in HELDOUT_SEQ_LEN windows."""
+    result = perplexity(model, model.encode(shakespeare_split("test")), HELDOUT_SEQ_LEN, HELDOUT_MAX_TOKENS)
     return {"dataset": "shakespeare", "split": "test", "seq_len": HELDOUT_SEQ_LEN,
-            "max_tokens": HELDOUT_MAX_TOKENS, "scored_tokens": count,
-            "ppl": math.exp(nll), "bits_per_byte": nll / math.log(2)}
-
-
-@torch.inference_mode()
-def continuation_logprobs(model: LanguageModel, pairs: list[tuple[str, str]]) -> list[float]:
-    """Summed log-probability of each continuation given its prefix (one right-padded batch; the
-    model is causal, so padding after a sequence cannot change its scores)."""
-    encoded = [(model.encode(prefix), model.encode(continuation)) for prefix, continuation in pairs]
-    seqs = [torch.cat([p, c]) for p, c in encoded]
-    width = max(s.numel() for s in seqs)
-    batch = torch.zeros(len(seqs), width, dtype=torch.long)
-    for row, s in enumerate(seqs):
-        batch[row, : s.numel()] = s
-    logprobs = torch.log_softmax(model.logits(batch[:, :-1]), dim=-1)        # (B, W-1, V)
-    scores = []
-    for row, (p, c) in enumerate(encoded):
-        # token at position t is predicted by the logits at t - 1
-        positions = torch.arange(p.numel() - 1, p.numel() + c.numel() - 1)
-        scores.append(float(logprobs[row, positions, c].double().sum()))
-    return scores
-
-
-def mc_accuracy(model: LanguageModel, items: list[MCItem], batch_items: int = 64) -> float:
-    correct = 0
-    for start in range(0, len(items), batch_items):
-        chunk = items[start:start + batch_items]
-        scores = continuation_logprobs(model, [pair for item in chunk for pair in item.completions()])
-        offset = 0
-        for item in chunk:
-            item_scores = scores[offset: offset + len(item.choices)]
-            offset += len(item.choices)
-            correct += int(max(range(len(item_scores)), key=item_scores.__getitem__) == item.answer)
-    return correct / len(items)
+            "max_tokens": HELDOUT_MAX_TOKENS, "scored_tokens": result["eval_tokens"],
+            "ppl": result["ppl"], "bits_per_byte": result["bits_per_byte"]}
 
 
 # --- training ------------------------------------------------------------------------------------
@@ -225,7 +175,7 @@ def main(argv=None):
     model = wrap(module, "minigpt-shakespeare")
     heldout = heldout_metrics(model)
     items = verb_tense_task("test")
-    verb_tense = {"acc": mc_accuracy(model, items), "n": len(items)}
+    verb_tense = {"acc": task_accuracy(model, items)["acc"], "n": len(items)}
     print(f"held-out ppl {heldout['ppl']:.4f} ({heldout['bits_per_byte']:.4f} bits/byte), "
           f"verb-tense accuracy {verb_tense['acc']:.4f} on {verb_tense['n']} items, "
           f"trained in {wall_seconds:.0f} s", flush=True)
