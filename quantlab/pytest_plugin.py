@@ -184,8 +184,7 @@ def _check_fingerprint(request, spec, results) -> None:
     from quantlab.report import write_json
 
     path = golden_root(spec) / "fingerprint.json"
-    current = {"fingerprint": results["fingerprint"],
-               "layers": sorted({n for r in results["results"].values() for n in (r.get("layers") or {})})}
+    current = {"fingerprint": results["fingerprint"], "layers": layer_names(results)}
     current = json.loads(json.dumps(current))
     if path.is_file() and not request.config.getoption("force_regen"):
         recorded = json.loads(path.read_text())
@@ -216,6 +215,19 @@ def golden_regression(request, tmp_path, spec):
     return NumericRegressionFixture(LazyDataDir(golden_root(spec), tmp_path), golden_root(spec), request)
 
 
+def _golden_inputs(request, tmp_path, spec):
+    """What both golden checks start from: the regression fixture and the spec's results, once the
+    golden files are known to share the current evaluation protocol."""
+    __tracebackhide__ = True
+    results = spec_results(request.config, spec)
+    _check_fingerprint(request, spec, results)
+    return golden_regression(request, tmp_path, spec), results
+
+
+def layer_names(results) -> list:
+    return sorted({n for r in results["results"].values() for n in (r.get("layers") or {})})
+
+
 def _nan(v):
     return float("nan") if v is None else float(v)
 
@@ -225,9 +237,7 @@ def _golden_metrics_test(spec):
         __tracebackhide__ = True
         from quantlab.spec import metric_value
 
-        num_regression = golden_regression(request, tmp_path, spec)
-        results = spec_results(request.config, spec)
-        _check_fingerprint(request, spec, results)
+        num_regression, results = _golden_inputs(request, tmp_path, spec)
         failures = []
         for metric in spec.golden.metrics:
             data = {scheme: [_nan(metric_value(results, scheme, metric))] for scheme in spec.schemes}
@@ -247,19 +257,17 @@ def _golden_metrics_test(spec):
 def _golden_layers_test(spec):
     def test_golden_layers(request, tmp_path):
         __tracebackhide__ = True
-        num_regression = golden_regression(request, tmp_path, spec)
-        results = spec_results(request.config, spec)
-        _check_fingerprint(request, spec, results)
+        num_regression, results = _golden_inputs(request, tmp_path, spec)
         metric = spec.golden.layers["metric"]
         tolerance = {k: v for k, v in spec.golden.layers.items() if k in ("rtol", "atol")}
-        layer_names = sorted({n for r in results["results"].values() for n in (r.get("layers") or {})})
-        data = {scheme: [_nan((r.get("layers") or {}).get(n, {}).get(metric)) for n in layer_names]
+        names = layer_names(results)
+        data = {scheme: [_nan((r.get("layers") or {}).get(n, {}).get(metric)) for n in names]
                 for scheme, r in results["results"].items() if r.get("layers")}
         try:
             num_regression.check(data, fullpath=golden_root(spec) / f"layers_{metric}.csv",
                                  default_tolerance={**spec.golden.default_tolerance, **tolerance})
         except AssertionError as e:
-            rows = "\n".join(f"  row {i}: {n}" for i, n in enumerate(layer_names))
+            rows = "\n".join(f"  row {i}: {n}" for i, n in enumerate(names))
             pytest.fail(f"{spec.source}: per-layer {metric} drifted beyond tolerance\n{e}\nrows:\n{rows}", pytrace=False)
 
     return test_golden_layers
