@@ -7,7 +7,8 @@ The pipeline follows the reference GPTQ code's ``opt_sequential``:
 2. In each block, the Linears that read the same input tensor form a group (q/k/v, or up/gate). Groups
    are quantized in execution order, and each group's Hessian H = X^T X / n is collected with the
    earlier groups already quantized ("true-sequential"), so a layer learns to compensate for the
-   error the layers before it make.
+   error the layers before it make. A Linear called more than once in a block (shared weights) gets
+   every call's inputs in its one Hessian and is quantized once.
 3. Run the block again with its quantized weights; its outputs are the next block's inputs.
 
 RTN goes through the same pipeline, so when calibration tokens are given its per-layer losses are
@@ -138,21 +139,58 @@ class _InputsCaptured(Exception):
 Batch = tuple  # (hidden (B, T, C), kwargs): what one block receives for one batch of token windows
 
 
-def _input_groups(model: LanguageModel, block_index: int, batch: Batch) -> list:
-    """Block ``block_index``'s Linears grouped by the input tensor they read, groups in execution order.
+@dataclass
+class InputGroup:
+    """Linears that read the same input tensors, call for call: they share one Hessian.
 
-    Found by running the block once and comparing input tensors by identity (the hooks hold on to
-    them, so no tensor's identity can be reused by another during the run).
+    names:       the Linears, in call order.
+    called_once: each is called at most once per block run, so collecting the group's inputs can stop
+                 the run at that call. A Linear called again (shared weights, a recurrent step) needs
+                 the whole run: every call's inputs go into its one Hessian, and it is quantized once.
+    """
+
+    names: list
+    called_once: bool = True
+
+
+def _input_groups(model: LanguageModel, block_index: int, batches: list) -> list:
+    """Block ``block_index``'s Linears as InputGroups, in execution order.
+
+    Found by running the block and comparing input tensors by identity (the hooks hold on to them, so
+    no tensor's identity can be reused by another during the run). Batch 0 normally calls every
+    Linear; one it does not call (an expert that none of its tokens were routed to) is looked for in
+    the following batches, so that it is calibrated on the tokens that do reach it, and its group goes
+    in after the groups that ran before it in that batch.
     """
     names = {model.module.get_submodule(name): name for name in model.linear_names(block_index)}
-    seen = []  # [(input tensor, [names])] in call order
+    groups: list = []
+    placed: dict = {}   # name -> its InputGroup
+    for batch in batches:
+        calls = _record_calls(model, block_index, batch, names)
+        cursor = -1     # index in ``groups`` of the last group this batch has reached so far
+        for members in _same_inputs(calls):
+            for name in members:
+                if name in placed:
+                    placed[name].called_once &= len(calls[name]) == 1
+            known = [groups.index(placed[name]) for name in members if name in placed]
+            cursor = max([cursor, *known])
+            new = [name for name in members if name not in placed]
+            if new:
+                group = InputGroup(new, called_once=all(len(calls[name]) == 1 for name in new))
+                cursor += 1
+                groups.insert(cursor, group)
+                placed.update(dict.fromkeys(new, group))
+        if len(placed) == len(names):
+            break
+    return groups
+
+
+def _record_calls(model: LanguageModel, block_index: int, batch: Batch, names: dict) -> dict:
+    """{Linear name: [input tensor of each call]} for one run of the block, in first-call order."""
+    calls: dict = {}
 
     def record(module, args):
-        for tensor, group in seen:
-            if tensor is args[0]:
-                group.append(names[module])
-                return
-        seen.append((args[0], [names[module]]))
+        calls.setdefault(names[module], []).append(args[0])
 
     handles = [m.register_forward_pre_hook(record) for m in names]
     try:
@@ -160,16 +198,33 @@ def _input_groups(model: LanguageModel, block_index: int, batch: Batch) -> list:
     finally:
         for h in handles:
             h.remove()
-    return [group for _, group in seen]
+    return calls
 
 
-def _collect_inputs(model: LanguageModel, block_index: int, linear: nn.Linear, batches: list) -> InputStatistics:
-    """Statistics of what ``linear`` reads over all ``batches``; each run stops right after it."""
+def _same_inputs(calls: dict) -> list:
+    """The Linears of ``calls`` grouped by identical input tensors (identity, call for call), groups
+    ordered by their first call."""
+    groups: list = []   # [(inputs, [names])]
+    for name, inputs in calls.items():
+        for group_inputs, members in groups:
+            if len(group_inputs) == len(inputs) and all(a is b for a, b in zip(group_inputs, inputs)):
+                members.append(name)
+                break
+        else:
+            groups.append((inputs, [name]))
+    return [members for _, members in groups]
+
+
+def _collect_inputs(model: LanguageModel, block_index: int, group: InputGroup, batches: list) -> InputStatistics:
+    """Statistics of what the group's Linears read over all ``batches``, every call included. A group
+    called once per run stops each run right after that call: nothing later in the block matters."""
+    linear = model.module.get_submodule(group.names[0])
     stats = InputStatistics(linear.in_features)
 
     def capture(module, args):
         stats.add(args[0])
-        raise _InputsCaptured
+        if group.called_once:
+            raise _InputsCaptured
 
     handle = linear.register_forward_pre_hook(capture)
     try:
@@ -277,12 +332,11 @@ def _quantize_blocks(quantized: QuantizedModel, calibration, heldout, solver: di
     blocks = tqdm(range(len(model.blocks)), desc=f"{quantized.method} {quantized.scheme.describe()}",
                   unit="block", disable=not progress)
     for b in blocks:
-        groups = _input_groups(model, b, calibration_batches[0]) if calibration_batches else []
+        groups = _input_groups(model, b, calibration_batches)
         for group in groups:
-            first = model.module.get_submodule(group[0])
-            inputs = _collect_inputs(model, b, first, calibration_batches)
-            heldout_inputs = _collect_inputs(model, b, first, heldout_batches) if heldout_batches else None
-            for name in group:
+            inputs = _collect_inputs(model, b, group, calibration_batches)
+            heldout_inputs = _collect_inputs(model, b, group, heldout_batches) if heldout_batches else None
+            for name in group.names:
                 _quantize_layer(quantized, name, inputs, heldout_inputs, solver, calibrated=True)
         # Without calibration, every Linear; with it, any the block never called: RTN, and say so.
         for name in model.linear_names(b):

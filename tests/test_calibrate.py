@@ -7,7 +7,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from quantlab.calibrate import InputStatistics, _input_groups, quantize_model
-from quantlab.gptq import relative_loss, torch_threads
+from quantlab.gptq import gptq_quantize, relative_loss, torch_threads
 from quantlab.models.base import LanguageModel
 from quantlab.models.minigpt import CHECKPOINT_DIR, MiniGPT, MiniGPTConfig, load_checkpoint, wrap
 from quantlab.quant import PRESETS, Scheme, quantize_rtn
@@ -139,8 +139,8 @@ def toy_model() -> ToyModel:
 def test_linears_reading_the_same_tensor_form_one_group_in_execution_order():
     model = toy_model()
     with torch.no_grad():
-        groups = _input_groups(model, 0, model.block_inputs(random_tokens(2, 8)))
-    assert groups == [["blocks.0.q", "blocks.0.k", "blocks.0.v"], ["blocks.0.o"],
+        groups = _input_groups(model, 0, [model.block_inputs(random_tokens(2, 8))])
+    assert [group.names for group in groups] == [["blocks.0.q", "blocks.0.k", "blocks.0.v"], ["blocks.0.o"],
                       ["blocks.0.gate", "blocks.0.up"], ["blocks.0.down"]]
 
 
@@ -165,6 +165,41 @@ def test_layer_hessians_come_from_inputs_through_the_already_quantized_layers(mi
     from_float_model = relative_loss(W, W_rtn, X_float.T @ X_float / X_float.shape[0])
     assert result.layers[layer]["rtn_rel_loss"] == pytest.approx(sequential, rel=1e-4)
     assert result.layers[layer]["rtn_rel_loss"] != pytest.approx(from_float_model, rel=1e-3)
+
+
+class SharedLinearBlock(nn.Module):
+    """One Linear called twice (weight sharing, a recurrent step), then an ordinary one."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.shared, self.out = nn.Linear(width, width), nn.Linear(width, width)
+
+    def forward(self, x):
+        x = x + self.shared(x)
+        x = x + self.shared(torch.tanh(x))
+        return x + self.out(x)
+
+
+def shared_linear_model() -> ToyModel:
+    torch.manual_seed(0)
+    module = nn.Module()
+    module.embed, module.blocks = nn.Embedding(256, 16), nn.ModuleList([SharedLinearBlock(16)])
+    module.head = nn.Linear(16, 256)
+    return ToyModel("shared", module.eval(), module.blocks, vocab_size=256, max_seq_len=32)
+
+
+def test_a_linear_called_twice_is_quantized_once_on_the_hessian_of_both_calls():
+    model, tokens = shared_linear_model(), random_tokens(4, 8)
+    result = quantize_model(model, INT4_G16, tokens, method="gptq")
+    # The shared Linear is the block's first layer, so both calls read float-model inputs.
+    X = capture_input(model, "blocks.0.shared", tokens)                      # (2 * 4 * 8, 16)
+    W = model.module.get_submodule("blocks.0.shared").weight.detach()
+    expected = gptq_quantize(W, X.T @ X / X.shape[0], INT4_G16)
+    layer = result.layers["blocks.0.shared"]
+    assert layer["n_tokens"] == 2 * 4 * 8
+    assert torch.equal(result.qtensors["blocks.0.shared"].codes, expected.qtensor.codes)
+    assert layer["rel_loss"] == pytest.approx(expected.rel_loss, rel=1e-5)
+    assert 0 < layer["rel_loss"] < layer["rtn_rel_loss"]
 
 
 def test_running_mean_hessian_equals_the_batch_formula():
