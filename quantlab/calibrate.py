@@ -2,8 +2,9 @@
 
 The pipeline follows the reference GPTQ code's ``opt_sequential``:
 
-1. Run the calibration tokens up to block 0 and keep what block 0 receives (one block's activations
-   for the whole calibration set is all that is ever held).
+1. Run the calibration tokens through the model once and keep what block 0 receives (one block's
+   activations for the whole calibration set is all that is ever held), and the keyword arguments
+   (masks, rotary embeddings) the model gives each block: sliding-window and global layers differ.
 2. In each block, the Linears that read the same input tensor form a group (q/k/v, or up/gate). Groups
    are quantized in execution order, and each group's Hessian H = X^T X / n is collected with the
    earlier groups already quantized ("true-sequential"), so a layer learns to compensate for the
@@ -244,6 +245,12 @@ def _first_block_inputs(model: LanguageModel, tokens: Optional[torch.Tensor], ba
     return [model.block_inputs(chunk) for chunk in tokens.split(batch_size)]
 
 
+def _next_block_inputs(model: LanguageModel, block_index: int, batches: list) -> list:
+    """Run block ``block_index`` on each batch: its outputs, with the same keyword arguments, are what
+    the next block receives."""
+    return [(model.run_block(block_index, *batch), batch[1]) for batch in batches]
+
+
 # ----------------------------------------------------------------------------------------------
 # The pipeline
 
@@ -342,8 +349,8 @@ def _quantize_blocks(quantized: QuantizedModel, calibration, heldout, solver: di
         for name in model.linear_names(b):
             if name not in quantized.qtensors:
                 _quantize_layer(quantized, name, None, None, solver, calibrated=bool(calibration_batches))
-        calibration_batches = [(model.run_block(b, *batch), batch[1]) for batch in calibration_batches]
-        heldout_batches = [(model.run_block(b, *batch), batch[1]) for batch in heldout_batches]
+        calibration_batches = _next_block_inputs(model, b, calibration_batches)
+        heldout_batches = _next_block_inputs(model, b, heldout_batches)
 
 
 def _quantize_layer(quantized: QuantizedModel, name: str, inputs: Optional[InputStatistics],

@@ -15,10 +15,11 @@ from torch import nn
 pytest.importorskip("transformers")
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
 from transformers import (  # noqa: E402
-    AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, OPTConfig,
-    OPTForCausalLM, PreTrainedTokenizerFast)
+    AutoModelForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, GPT2Config, GPT2LMHeadModel, LlamaConfig,
+    LlamaForCausalLM, OPTConfig, OPTForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM)
 from transformers.pytorch_utils import Conv1D  # noqa: E402
 
+from quantlab.calibrate import _first_block_inputs, _next_block_inputs  # noqa: E402
 from quantlab.models.hf import HFModel, conv1d_as_linear, find_blocks, load_hf, wrap_hf  # noqa: E402
 
 SENTENCES = [
@@ -198,3 +199,39 @@ def test_find_blocks_explains_a_model_without_repeated_layers():
 def test_load_hf_says_what_a_model_directory_needs(tmp_path):
     with pytest.raises(FileNotFoundError, match="save_pretrained"):
         load_hf(tmp_path / "missing")
+
+
+# ----------------------------------------------------------------------------------------------
+# Architectures whose blocks are not all alike
+
+
+def alternating_attention_model(family: str) -> nn.Module:
+    """Sliding-window and full-attention layers alternating, with a window (4) shorter than the
+    windows the tests feed (12 tokens), so a block given another block's mask computes something else.
+    Gemma 3's sliding layers also have their own rotary embeddings."""
+    torch.manual_seed(0)
+    common = dict(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=3,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, sliding_window=4,
+                  layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                  bos_token_id=0, eos_token_id=1)
+    if family == "qwen2":
+        return Qwen2ForCausalLM(Qwen2Config(**common, use_sliding_window=True, max_window_layers=0))
+    return Gemma3ForCausalLM(Gemma3TextConfig(**common, head_dim=16))
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gemma3"])
+def test_calibration_runs_every_block_with_its_own_mask_and_positions(family):
+    """Calibration's block-by-block path must give each block what the model itself gives it: a
+    sliding-window layer its sliding mask, a global layer its full one."""
+    module = alternating_attention_model(family)
+    model = wrap_hf(module, tiny_tokenizer(), family)
+    with torch.no_grad():
+        expected = module(input_ids=tokens(), use_cache=False, output_hidden_states=True)
+        batches = _first_block_inputs(model, tokens(), batch_size=2)
+        for i in range(len(model.blocks) - 1):
+            batches = _next_block_inputs(model, i, batches)
+            # hidden_states[0] is the embedding output, hidden_states[i + 1] block i's output
+            torch.testing.assert_close(batches[0][0], expected.hidden_states[i + 1], rtol=0, atol=1e-5)
+        last = _next_block_inputs(model, len(model.blocks) - 1, batches)[0][0]
+    # The last entry of hidden_states is taken after the final norm: compare logits instead.
+    torch.testing.assert_close(model.head(last), expected.logits, rtol=0, atol=1e-5)

@@ -13,7 +13,18 @@ from torch import nn
 
 
 class _StopForward(Exception):
-    """Raised by the capture hook once block 0's inputs are known: the rest of the model is skipped."""
+    """Raised by the capture hook once every block's inputs are known: the rest of the model is skipped."""
+
+
+@dataclass(frozen=True)
+class BlockKwargs:
+    """The keyword arguments the model passed to each of its blocks in one forward pass, by block.
+    Blocks of one kind share the same tensors, so this costs no more than the distinct masks."""
+
+    by_block: tuple   # (dict, ...), one per block
+
+    def for_block(self, block_index: int) -> dict:
+        return self.by_block[block_index]
 
 
 @dataclass
@@ -55,25 +66,38 @@ class LanguageModel:
         raise LookupError(f"block {block_index} is not a submodule of {self.name}")
 
     def block_inputs(self, tokens: torch.Tensor):
-        """Run the model up to block 0 and return what block 0 receives: (hidden (B, T, C), kwargs).
-        kwargs (attention masks, rotary embeddings, ...) are reused for every block."""
-        captured = {}
+        """Run the model over ``tokens`` and return what block 0 receives and what every block is
+        given besides: (hidden (B, T, C), BlockKwargs). Each block's own keyword arguments (attention
+        masks, rotary embeddings, ...) are recorded because they need not be block 0's: models that
+        alternate sliding-window and global layers give each kind its own mask (and Gemma 3 its own
+        rotary embeddings). The pass stops as the last block is entered."""
+        hidden, by_block = [], [None] * len(self.blocks)
 
-        def hook(module, args, kwargs):
-            captured["hidden"] = args[0] if args else kwargs.pop("hidden_states")
-            captured["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-            raise _StopForward
+        def recorder(block_index: int):
+            def record(module, args, kwargs):
+                if block_index == 0:
+                    hidden.append(args[0] if args else kwargs["hidden_states"])
+                by_block[block_index] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+                if block_index == len(self.blocks) - 1:
+                    raise _StopForward
+            return record
 
-        handle = self.blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+        handles = [block.register_forward_pre_hook(recorder(i), with_kwargs=True)
+                   for i, block in enumerate(self.blocks)]
         try:
             self.logits(tokens)
         except _StopForward:
             pass
         finally:
-            handle.remove()
-        return captured["hidden"], captured["kwargs"]
+            for handle in handles:
+                handle.remove()
+        return hidden[0], BlockKwargs(tuple(by_block))
 
-    def run_block(self, block_index: int, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    def run_block(self, block_index: int, hidden: torch.Tensor, kwargs) -> torch.Tensor:
+        """Block ``block_index`` on ``hidden``, given ``kwargs``: a BlockKwargs (its own arguments
+        are picked) or one dict for every block."""
+        if isinstance(kwargs, BlockKwargs):
+            kwargs = kwargs.for_block(block_index)
         out = self.blocks[block_index](hidden, **kwargs)
         return out[0] if isinstance(out, (tuple, list)) else out
 
