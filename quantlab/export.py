@@ -1,0 +1,270 @@
+"""Write a quantized model as a deployable checkpoint: compressed-tensors (vLLM, transformers) or GGUF.
+
+The files hold quantlab's own codes and float16 scales, never a re-quantization of the dequantized
+weights, so what a runtime loads is exactly what quantlab evaluated. ``servability`` says up front
+whether a scheme/model pair has a layout the format (and the kernels that read it) can take.
+
+compressed-tensors layout (``pack-quantized``), per quantized Linear ``NAME``:
+  NAME.weight_packed      int32, codes packed by compressed_tensors' own ``pack_to_int32`` (signed
+                          codes offset by 2^(bits-1), 32/bits per word along the input dimension)
+  NAME.weight_scale       float16 (out, n_groups); (out, 1) per channel
+  NAME.weight_zero_point  asymmetric only: signed zero points packed along the output dimension
+  NAME.weight_g_idx       int32 (in,), act-order with dynamic groups only
+  NAME.weight_shape       int64 (2,)
+quantlab's asymmetric codes [0, 2^b-1] and zero points are shifted by -2^(b-1) into compressed-tensors'
+signed storage; (code - zero) is unchanged, so the dequantized weights are identical.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+from quantlab.quant import FloatScheme, QTensor, Scheme
+
+COMPRESSED_TENSORS = "compressed-tensors"
+GGUF = "gguf"
+FORMATS = (COMPRESSED_TENSORS, GGUF)
+METADATA_KEY = "quantlab_export"   # top-level config.json key: quantlab's grid and scheme, for readers
+WNA16_BITS = (4, 8)                # vLLM's compressed-tensors weight-only kernels: uint4b8 / uint8b128
+
+
+@dataclass(frozen=True)
+class ExportInfo:
+    """What an export wrote.
+
+    bytes_on_disk:  bytes of the weight files (``*.safetensors`` or the ``.gguf``), to set next to
+                    quant.model_bytes' ``bytes_total`` (which counts kept float tensors as float16).
+    bytes_quantized: bytes of the quantized Linears' tensors (packed codes, scales, zeros, g_idx).
+    """
+
+    path: Path
+    format: str
+    files: tuple = ()
+    bytes_on_disk: int = 0
+    bytes_quantized: int = 0
+    n_quantized: int = 0
+    metadata: dict = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------------------------
+# Servability
+
+
+def servability(scheme: Union[Scheme, FloatScheme], model, format: str = COMPRESSED_TENSORS) -> tuple[bool, str]:
+    """(True, "") when ``model`` quantized with ``scheme`` can be exported in ``format`` and served by
+    the runtimes that read it; else (False, one-line reason naming what to change)."""
+    if format not in FORMATS:
+        return False, f"unknown export format {format!r}; known: {', '.join(FORMATS)}"
+    if isinstance(scheme, FloatScheme):
+        return False, (f"{scheme.dtype} is a float scheme: there are no integer codes to pack; "
+                       "save the float model with save_pretrained instead")
+    if not isinstance(scheme, Scheme):
+        return False, f"scheme must be a quantlab Scheme, got {scheme!r}"
+    ok, reason = _transformers_architecture(model)
+    if not ok:
+        return ok, reason
+    if format == GGUF:
+        return _gguf_servability(scheme, model)
+    if scheme.bits not in WNA16_BITS:
+        return False, (f"INT{scheme.bits} has no compressed-tensors weight-only kernel in vLLM "
+                       f"(it takes {' or '.join(map(str, WNA16_BITS))} bits); use bits: 4 or 8")
+    if scheme.granularity == "tensor":
+        return False, ("per-tensor integer weights have no weight-only (W*A16) kernel in vLLM; "
+                       "use granularity: channel or group")
+    if scheme.granularity == "group":
+        for name, width in _linear_widths(model).items():
+            if width % scheme.group_size:
+                return False, (f"group_size {scheme.group_size} does not divide {name}'s input width {width} "
+                               f"(vLLM and compressed-tensors need whole groups); use a group size dividing {width}")
+    conv = _conv1d_linears(model)
+    if conv:
+        return False, (f"{type(model.module).__name__} stores its block Linears as transformers Conv1D "
+                       f"(e.g. {conv[0]}); compressed-tensors packs nn.Linear only, so nothing would be "
+                       "loaded quantized; export a Linear-based architecture (Llama, Qwen2, ...)")
+    return True, ""
+
+
+def _transformers_architecture(model) -> tuple[bool, str]:
+    from transformers import PreTrainedModel
+
+    module = getattr(model, "module", None)
+    if not isinstance(module, PreTrainedModel):
+        return False, (f"{getattr(model, 'name', type(model).__name__)} is not a transformers architecture "
+                       f"({type(module).__name__}), so neither transformers nor vLLM can load an export; "
+                       "use an hf: model")
+    return True, ""
+
+
+def _linear_widths(model) -> dict:
+    return {name: model.module.get_submodule(name).in_features for name in model.all_linear_names()}
+
+
+def _conv1d_linears(model) -> list:
+    """Block Linears that the architecture's own class declares as transformers Conv1D (GPT-2): quantlab
+    swapped them for nn.Linear at load, so ask a weightless (meta) instance of the class."""
+    from transformers.pytorch_utils import Conv1D
+
+    with torch.device("meta"):
+        pristine = type(model.module)(model.module.config)
+    return [name for name in model.all_linear_names() if isinstance(pristine.get_submodule(name), Conv1D)]
+
+
+def _require_servable(quantized, format: str) -> None:
+    ok, reason = servability(quantized.scheme, quantized.model, format)
+    if not ok:
+        raise ValueError(f"cannot export {quantized.scheme.describe()} as {format}: {reason}")
+
+
+# ----------------------------------------------------------------------------------------------
+# compressed-tensors
+
+
+def compressed_tensors_scheme(scheme: Scheme, targets: list, act_order_groups: bool):
+    """The compressed_tensors QuantizationScheme equivalent to a quantlab Scheme."""
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    kwargs = {"num_bits": scheme.bits, "type": "int", "symmetric": scheme.symmetric}
+    if scheme.granularity == "group":
+        kwargs.update(strategy="group", group_size=scheme.group_size)
+        if act_order_groups:
+            kwargs["actorder"] = "group"   # columns map to groups through weight_g_idx
+    else:
+        kwargs["strategy"] = scheme.granularity   # "channel" (tensor is refused by servability)
+    return QuantizationScheme(targets=targets, weights=QuantizationArgs(**kwargs), format="pack-quantized")
+
+
+def compressed_tensors_state(qtensor: QTensor) -> dict:
+    """One Linear's pack-quantized tensors (local names: weight_packed, weight_scale, ...)."""
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+    scheme = qtensor.scheme
+    # compressed-tensors stores signed codes; quantlab's asymmetric codes are unsigned [0, 2^b-1].
+    shift = 0 if scheme.symmetric else 2 ** (scheme.bits - 1)
+    codes = (qtensor.codes.to(torch.int16) - shift).to(torch.int8)
+    state = {
+        "weight_packed": pack_to_int32(codes, scheme.bits),
+        "weight_scale": qtensor.scales.to(torch.float16).contiguous(),
+        "weight_shape": torch.tensor(qtensor.shape, dtype=torch.int64),
+    }
+    if qtensor.zeros is not None:
+        zeros = (qtensor.zeros.to(torch.int16) - shift).to(torch.int8)
+        state["weight_zero_point"] = pack_to_int32(zeros, scheme.bits, packed_dim=0)
+    if qtensor.g_idx is not None:
+        state["weight_g_idx"] = qtensor.g_idx.to(torch.int32).contiguous()
+    return state
+
+
+def export_compressed_tensors(quantized, out_dir, *, tokenizer_source=None, overwrite: bool = False) -> ExportInfo:
+    """Write ``quantized`` (a calibrate.QuantizedModel of an hf model) to ``out_dir`` as a Hugging Face
+    model directory in compressed-tensors ``pack-quantized`` format, readable by
+    ``AutoModelForCausalLM.from_pretrained(out_dir)`` and vLLM.
+
+    Float tensors (embeddings, norms, lm_head, biases) are written in the dtype quantlab evaluated them
+    in. ``tokenizer_source``: a tokenizer, or a directory to load one from; default the model's own.
+    The directory appears complete or not at all (written to a temporary sibling, then renamed).
+    """
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import QuantizationConfig
+
+    _require_servable(quantized, COMPRESSED_TENSORS)
+    module = quantized.model.module
+    names = sorted(quantized.qtensors)
+    state = {k: v for k, v in module.state_dict().items()}
+    bytes_quantized = 0
+    for name in names:
+        del state[f"{name}.weight"]
+        for key, tensor in compressed_tensors_state(quantized.qtensors[name]).items():
+            state[f"{name}.{key}"] = tensor
+            bytes_quantized += tensor.numel() * tensor.element_size()
+    act_order = any(qt.g_idx is not None for qt in quantized.qtensors.values())
+    # Target every nn.Linear and ignore the ones quantlab kept in float (lm_head, ...): the usual
+    # llm-compressor shape of the config, short whatever the depth.
+    ignore = [n for n, m in module.named_modules() if isinstance(m, nn.Linear) and n not in quantized.qtensors]
+    config = QuantizationConfig(
+        config_groups={"group_0": compressed_tensors_scheme(quantized.scheme, ["Linear"], act_order)},
+        format="pack-quantized", quantization_status="compressed", ignore=ignore)
+    metadata = _metadata(quantized)
+
+    def write(tmp: Path) -> None:
+        # transformers writes config.json, generation_config.json and safetensors (dropping tied copies).
+        module.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+        ModelCompressor(quantization_config=config).update_config(str(tmp))
+        _add_to_config(tmp / "config.json", {METADATA_KEY: metadata})
+        _save_tokenizer(quantized.model, tokenizer_source, tmp)
+
+    out = _write_atomically(Path(out_dir), write, overwrite)
+    files = tuple(sorted(p.name for p in out.iterdir()))
+    return ExportInfo(path=out, format=COMPRESSED_TENSORS, files=files,
+                      bytes_on_disk=sum(p.stat().st_size for p in out.glob("*.safetensors")),
+                      bytes_quantized=bytes_quantized, n_quantized=len(names), metadata=metadata)
+
+
+def _metadata(quantized) -> dict:
+    """What a reader needs beyond the format's own config: the code range actually used."""
+    scheme = quantized.scheme
+    grid = ("asymmetric" if not scheme.symmetric else scheme.grid)
+    note = {"restricted": f"symmetric restricted grid: codes lie in [{scheme.qmin}, {scheme.qmax}] and never "
+                          f"use {-(2 ** (scheme.bits - 1))}",
+            "full": f"symmetric full grid: codes lie in [{scheme.qmin}, {scheme.qmax}]",
+            "asymmetric": f"asymmetric: codes [0, {scheme.qmax}] stored shifted by -{2 ** (scheme.bits - 1)}, "
+                          "like the zero points"}[grid]
+    return {"scheme": scheme.describe(), "bits": scheme.bits, "grid": grid, "code_range": [scheme.qmin, scheme.qmax],
+            "method": quantized.method, "note": note,
+            "layers": sorted(quantized.qtensors)}
+
+
+def _add_to_config(path: Path, entries: dict) -> None:
+    data = json.loads(path.read_text())
+    data.update(entries)
+    path.write_text(json.dumps(data, indent=2, sort_keys=True))
+
+
+def _save_tokenizer(model, tokenizer_source, directory: Path) -> None:
+    tokenizer = tokenizer_source
+    if tokenizer is None:
+        tokenizer = getattr(model, "hf_tokenizer", None)
+    elif isinstance(tokenizer, (str, os.PathLike)):
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer, local_files_only=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+
+
+def _write_atomically(target: Path, write, overwrite: bool) -> Path:
+    """Run ``write(tmp_dir)`` on a temporary sibling of ``target`` and rename it into place, so a crash
+    never leaves a half-written model where a loader would find it."""
+    target = target.resolve()
+    if target.exists() and not overwrite and (not target.is_dir() or any(target.iterdir())):
+        raise FileExistsError(f"{target} already exists; pass overwrite=True or choose another directory")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+    try:
+        write(tmp)
+        if target.exists():
+            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+# ----------------------------------------------------------------------------------------------
+# GGUF (filled in below)
+
+
+def _gguf_servability(scheme: Scheme, model) -> tuple[bool, str]:
+    return False, "GGUF export is not implemented yet"

@@ -1,0 +1,307 @@
+"""Read quantized checkpoints written by other tools: the float model plus quantlab QTensors from the file.
+
+``load_checkpoint(uri)`` takes
+  hf:DIR     a Hugging Face directory in compressed-tensors ``pack-quantized`` format, or GPTQ format
+             (qweight/qzeros/scales/g_idx and quantize_config.json, or config.json's quantization_config);
+  gguf:FILE  a GGUF file whose block Linears are Q4_0 or Q8_0.
+and returns a calibrate.QuantizedModel: ``model`` is the float model (a quantlab HFModel) whose quantized
+Linears hold exactly ``qtensors[name].dequantize()`` in float32, ``qtensors`` are rebuilt from the file's
+own tensors (codes, scales, zeros, g_idx), and ``bytes['bytes_linear']`` is read from the file's tensor
+sizes (``bytes_on_disk``: the weight files themselves).
+
+Code conventions on the way in: compressed-tensors stores signed codes (asymmetric ones shifted by
+-2^(b-1), as are their zero points); GPTQ stores unsigned codes and, in its v1 format, zero - 1 (a
+symmetric 4-bit GPTQ zero of 8 is stored as 7). Symmetric checkpoints become ``grid='full'`` schemes
+unless quantlab's own export metadata says the codes are on the restricted grid (then checked).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from quantlab.quant import QTensor, Scheme, group_index, model_bytes
+
+HF_PREFIX = "hf:"
+GGUF_PREFIX = "gguf:"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is not what it claims to be (or holds a layout quantlab cannot represent)."""
+
+
+def load_checkpoint(uri: str, device: str = "cpu"):
+    """``hf:DIR`` (compressed-tensors or GPTQ) or ``gguf:FILE`` -> calibrate.QuantizedModel."""
+    if uri.startswith(HF_PREFIX):
+        path = Path(uri[len(HF_PREFIX):]).expanduser()
+        if not path.is_dir():
+            raise FileNotFoundError(f"{uri}: {path} is not a directory; hf:DIR needs a Hugging Face model directory")
+        kind, config = _hf_quantization(path)
+        read = _read_compressed_tensors if kind == "compressed-tensors" else _read_gptq
+        qtensors, scheme = read(path, config)
+        return _assemble(path, None, qtensors, scheme, kind, uri, device)
+    if uri.startswith(GGUF_PREFIX):
+        file = Path(uri[len(GGUF_PREFIX):]).expanduser()
+        if not file.is_file():
+            raise FileNotFoundError(f"{uri}: {file} is not a file; gguf:FILE needs a .gguf file")
+        from quantlab.models.gguf_export import read_gguf_qtensors
+
+        qtensors, scheme = read_gguf_qtensors(file)
+        return _assemble(file.parent, file.name, qtensors, scheme, "gguf", uri, device)
+    raise ValueError(f"unknown checkpoint {uri!r}; use hf:DIR (compressed-tensors or GPTQ) or gguf:FILE")
+
+
+# ----------------------------------------------------------------------------------------------
+# What the directory claims
+
+
+def _hf_quantization(path: Path) -> tuple[str, dict]:
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise CheckpointError(f"{path} has no config.json; hf:DIR needs a Hugging Face model directory")
+    config = json.loads(config_file.read_text())
+    qconfig = config.get("quantization_config")
+    if (path / "quantize_config.json").is_file():
+        qconfig = {"quant_method": "gptq", **json.loads((path / "quantize_config.json").read_text())}
+    if not qconfig:
+        raise CheckpointError(f"{path}/config.json has no quantization_config (and there is no quantize_config.json): "
+                              "it is a float model; load it with hf:PATH as a model instead")
+    method = qconfig.get("quant_method")
+    if method == "compressed-tensors":
+        return "compressed-tensors", {**config, "quantization_config": qconfig}
+    if method == "gptq":
+        return "gptq", qconfig
+    raise CheckpointError(f"{path}: quant_method {method!r} is not supported; quantlab reads compressed-tensors "
+                          "(pack-quantized) and GPTQ checkpoints")
+
+
+def _tensors(path: Path) -> dict:
+    """Every tensor of the directory's safetensors files, by name."""
+    from safetensors.torch import load_file
+
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{path} has no *.safetensors files; quantlab reads safetensors checkpoints only")
+    tensors = {}
+    for file in files:
+        tensors.update(load_file(file))
+    return tensors
+
+
+# ----------------------------------------------------------------------------------------------
+# compressed-tensors
+
+
+def _read_compressed_tensors(path: Path, config: dict) -> tuple[dict, Scheme]:
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
+    qconfig = config["quantization_config"]
+    groups = list(qconfig.get("config_groups", {}).values())
+    if len(groups) != 1 or not isinstance(groups[0], dict) or not groups[0].get("weights"):
+        raise CheckpointError(f"{path}: quantlab reads compressed-tensors checkpoints with one weight-quantized "
+                              f"config group, found {len(groups)}")
+    args = groups[0]["weights"]
+    fmt = groups[0].get("format") or qconfig.get("format")
+    if fmt != "pack-quantized" or args.get("type", "int") != "int":
+        raise CheckpointError(f"{path}: compressed-tensors format {fmt!r} ({args.get('type')} weights) is not "
+                              "supported; quantlab reads int pack-quantized checkpoints")
+    if groups[0].get("input_activations"):
+        raise CheckpointError(f"{path}: activations are quantized too; quantlab reads weight-only checkpoints")
+    bits, symmetric, strategy = int(args["num_bits"]), bool(args.get("symmetric", True)), args.get("strategy")
+    if strategy not in ("group", "channel"):
+        raise CheckpointError(f"{path}: compressed-tensors strategy {strategy!r} is not supported (group or channel)")
+    meta = config.get("quantlab_export", {})
+    grid = meta.get("grid", "full") if symmetric else "restricted"
+    scheme = Scheme(bits, group_size=args.get("group_size") if strategy == "group" else None,
+                    symmetric=symmetric, grid=grid if grid in ("full", "restricted") else "full")
+    shift = 0 if symmetric else 2 ** (bits - 1)
+    tensors = _tensors(path)
+    qtensors = {}
+    for key in sorted(k for k in tensors if k.endswith(".weight_packed")):
+        name = key[: -len(".weight_packed")]
+        shape = tuple(int(s) for s in tensors[f"{name}.weight_shape"])
+        scales = tensors[f"{name}.weight_scale"]
+        codes = unpack_from_int32(tensors[key], bits, torch.Size(shape)).to(torch.int16) + shift
+        zeros = None
+        if not symmetric:
+            packed_zeros = tensors.get(f"{name}.weight_zero_point")
+            if packed_zeros is None:
+                raise CheckpointError(f"{path}: {name} is asymmetric but has no weight_zero_point")
+            zeros = unpack_from_int32(packed_zeros, bits, torch.Size((shape[0], scales.shape[-1])),
+                                      packed_dim=0).to(torch.int16) + shift
+        g_idx = tensors.get(f"{name}.weight_g_idx")
+        qtensors[name] = _checked(path, name, QTensor(_narrow(codes, scheme), scales, zeros, scheme,
+                                                      _reordering(g_idx, shape[1], scheme)))
+    if not qtensors:
+        raise CheckpointError(f"{path}: config says compressed-tensors but no tensor is named *.weight_packed")
+    return qtensors, scheme
+
+
+# ----------------------------------------------------------------------------------------------
+# GPTQ
+
+
+def _read_gptq(path: Path, qconfig: dict) -> tuple[dict, Scheme]:
+    bits = int(qconfig.get("bits", 4))
+    if bits not in (2, 4, 8):
+        raise CheckpointError(f"{path}: GPTQ bits={bits} is not supported; quantlab reads 2-, 4- and 8-bit GPTQ "
+                              "(3-bit words straddle int32 boundaries)")
+    group_size = int(qconfig.get("group_size", 128))
+    symmetric = bool(qconfig.get("sym", True))
+    fmt = qconfig.get("checkpoint_format", "gptq")
+    if fmt not in ("gptq", "gptq_v2"):
+        raise CheckpointError(f"{path}: GPTQ checkpoint_format {fmt!r} is not supported (gptq or gptq_v2)")
+    # v1 stores zero - 1 (the reference CUDA kernel adds the 1 back): read it the way that kernel does.
+    zero_offset = 1 if fmt == "gptq" else 0
+    scheme = Scheme(bits, group_size=group_size if group_size > 0 else None, symmetric=symmetric,
+                    grid="full" if symmetric else "restricted")
+    tensors = _tensors(path)
+    qtensors = {}
+    for key in sorted(k for k in tensors if k.endswith(".qweight")):
+        name = key[: -len(".qweight")]
+        try:
+            qzeros, scales = tensors[f"{name}.qzeros"], tensors[f"{name}.scales"]
+        except KeyError as missing:
+            raise CheckpointError(f"{path}: {name} has qweight but no {missing.args[0]}; not a GPTQ checkpoint") from None
+        q = _unpack_rows(tensors[key], bits).t()                          # (out, in) unsigned codes
+        zeros = _unpack_rows(qzeros.t(), bits).t() + zero_offset          # (n_groups, out)
+        out_features, in_features = q.shape
+        zeros = zeros[:, :out_features].t().contiguous()                   # (out, n_groups)
+        if symmetric:
+            midpoint = 2 ** (bits - 1)
+            if not (zeros == midpoint).all():
+                raise CheckpointError(f"{path}: quantize_config says sym but {name}'s zero points are not all "
+                                      f"{midpoint}; set sym: false or check checkpoint_format (v1 stores zero - 1)")
+            codes, zeros = q - midpoint, None
+        else:
+            codes = q
+        g_idx = tensors.get(f"{name}.g_idx")
+        qt = QTensor(_narrow(codes, scheme), scales.t().contiguous(), zeros, scheme,
+                     _reordering(g_idx, in_features, scheme))
+        qtensors[name] = _checked(path, name, qt, allow_v1_zero=not symmetric)
+    if not qtensors:
+        raise CheckpointError(f"{path}: quantization config says GPTQ but no tensor is named *.qweight")
+    return qtensors, scheme
+
+
+def _unpack_rows(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """GPTQ packing: each int32 of row i holds rows i*k .. i*k+k-1 (k = 32/bits), lowest bits first."""
+    per_word = 32 // bits
+    shifts = torch.arange(per_word, dtype=torch.int64) * bits
+    words = packed.to(torch.int64) & 0xFFFFFFFF                      # int32 -> its unsigned bit pattern
+    values = (words.unsqueeze(1) >> shifts.view(1, -1, 1)) & (2 ** bits - 1)   # (rows, k, cols)
+    return values.reshape(-1, packed.shape[1]).to(torch.int16)
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared
+
+
+def _reordering(g_idx: Optional[torch.Tensor], in_features: int, scheme: Scheme) -> Optional[torch.Tensor]:
+    """A g_idx that only restates natural order is dropped (quantlab neither stores nor counts it)."""
+    if g_idx is None or g_idx.numel() == 0 or (g_idx < 0).any():
+        return None
+    g_idx = g_idx.to(torch.long)
+    return None if torch.equal(g_idx, group_index(in_features, scheme)) else g_idx
+
+
+def _narrow(codes: torch.Tensor, scheme: Scheme) -> torch.Tensor:
+    return codes.to(torch.int8 if scheme.qmin < 0 or scheme.qmax < 128 else torch.int16)
+
+
+def _checked(path, name: str, qt: QTensor, allow_v1_zero: bool = False) -> QTensor:
+    """Codes (and zero points) inside the scheme's grid, or a one-line error saying what the file holds."""
+    scheme = qt.scheme
+    lo, hi = int(qt.codes.min()), int(qt.codes.max())
+    if lo < scheme.qmin or hi > scheme.qmax:
+        raise CheckpointError(f"{path}: {name}'s codes span [{lo}, {hi}] but the file claims {scheme.describe()}; "
+                              "the checkpoint's metadata does not match its tensors")
+    if qt.zeros is not None:
+        # GPTQ v1 cannot store a zero of 0 (stored -1 wraps to 2^b-1), so a v1 kernel reads 2^b: keep it, exactly.
+        top = scheme.qmax + (1 if allow_v1_zero else 0)
+        if int(qt.zeros.min()) < 0 or int(qt.zeros.max()) > top:
+            raise CheckpointError(f"{path}: {name}'s zero points leave [0, {top}]; the file is not {scheme.describe()}")
+    return qt
+
+
+def _assemble(directory: Path, gguf_file: Optional[str], qtensors: dict, scheme: Scheme, kind: str, uri: str,
+              device: str):
+    """Float model from the directory's config and unquantized tensors, quantized Linears set from qtensors."""
+    from quantlab.calibrate import QuantizedModel
+    from quantlab.models.hf import wrap_hf
+
+    module, tokenizer, weight_files = _float_module(directory, gguf_file, qtensors, kind)
+    model = wrap_hf(module, tokenizer, uri, source={"kind": kind, "path": str(directory.resolve()),
+                                                    **({"gguf_file": gguf_file} if gguf_file else {})})
+    linear_names = set(model.all_linear_names())
+    with torch.no_grad():
+        for name, qt in qtensors.items():
+            if name not in linear_names:
+                raise CheckpointError(f"{uri}: quantized tensor {name} is not a block Linear of "
+                                      f"{type(module).__name__}; the checkpoint does not match its config")
+            linear = module.get_submodule(name)
+            if tuple(linear.weight.shape) != qt.shape:
+                raise CheckpointError(f"{uri}: {name} is {qt.shape} in the file but {tuple(linear.weight.shape)} "
+                                      "in config.json's architecture")
+            # Exactly quantlab's dequantization in float32: what quantlab evaluates for a quantized model.
+            linear.weight.copy_(qt.dequantize().to(linear.weight.dtype))
+    module.to(device)
+    file_bytes = {name: _file_nbytes(qt) for name, qt in qtensors.items()}
+    bytes_ = model_bytes(module, file_bytes)
+    bytes_["bytes_on_disk"] = sum(f.stat().st_size for f in weight_files)
+    return QuantizedModel(model=model, scheme=scheme, method=kind, qtensors=qtensors, bytes=bytes_)
+
+
+def _file_nbytes(qt: QTensor) -> int:
+    """Bytes the checkpoint spends on one Linear: packed codes + scales (at their stored dtype) + zeros + g_idx."""
+    n = qt.nbytes - 2 * qt.scales.numel() + qt.scales.numel() * qt.scales.element_size()
+    return n
+
+
+def _float_module(directory: Path, gguf_file: Optional[str], qtensors: dict, kind: str):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    if gguf_file:
+        # transformers' GGUF loader dequantizes with its own arithmetic; the Linears are then overwritten
+        # with quantlab's dequantization of the same codes and scales.
+        module = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf_file, dtype=torch.float32,
+                                                      local_files_only=True)
+        tokenizer = _tokenizer(directory, gguf_file=gguf_file)
+        return module, tokenizer, [directory / gguf_file]
+    config = AutoConfig.from_pretrained(directory, local_files_only=True)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config   # build the float architecture, not a quantized one
+    config.dtype = torch.float32
+    module = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    tensors = _tensors(directory)
+    quantized_keys = {k for name in qtensors for k in tensors if k.startswith(f"{name}.")}
+    float_state = {k: v for k, v in tensors.items() if k not in quantized_keys}
+    missing, unexpected = module.load_state_dict(float_state, strict=False)
+    tied = {k for k in missing if getattr(config, "tie_word_embeddings", False)
+            and module.get_output_embeddings() is not None and k.startswith(_name_of(module, module.get_output_embeddings()))}
+    missing = [k for k in missing if k not in tied and k.rpartition(".")[0] not in qtensors]
+    # Buffers such as rotary inv_freq are recomputed, never stored.
+    missing = [k for k in missing if k in dict(module.named_parameters())]
+    if missing or unexpected:
+        raise CheckpointError(f"{directory}: tensors do not match config.json's {type(module).__name__} "
+                              f"(missing {missing[:3]}, unexpected {sorted(unexpected)[:3]})")
+    if tied:
+        module.tie_weights()
+    return module, _tokenizer(directory), sorted(directory.glob("*.safetensors"))
+
+
+def _name_of(root, target) -> str:
+    return next(name for name, m in root.named_modules() if m is target)
+
+
+def _tokenizer(directory: Path, gguf_file: Optional[str] = None):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(directory, local_files_only=True,
+                                             **({"gguf_file": gguf_file} if gguf_file else {}))
+    except (OSError, ValueError, KeyError) as error:
+        raise CheckpointError(f"{directory}: no usable tokenizer ({type(error).__name__}); save the tokenizer "
+                              "files (tokenizer.json, tokenizer_config.json) next to the weights") from None
