@@ -5,6 +5,7 @@ directory and loaded back with load_hf, so the on-disk path is exercised too. No
 """
 import copy
 import functools
+import math
 
 import pytest
 import torch
@@ -15,12 +16,15 @@ from torch import nn
 pytest.importorskip("transformers")
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
 from transformers import (  # noqa: E402
-    AutoModelForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, GPT2Config, GPT2LMHeadModel, LlamaConfig,
-    LlamaForCausalLM, OPTConfig, OPTForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM)
+    AutoModelForCausalLM, BloomConfig, BloomForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, GPT2Config, GPT2LMHeadModel, LlamaConfig,
+    LlamaForCausalLM, MptConfig, MptForCausalLM, OPTConfig, OPTForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM)
 from transformers.pytorch_utils import Conv1D  # noqa: E402
 
-from quantlab.calibrate import _first_block_inputs, _next_block_inputs  # noqa: E402
+from quantlab.calibrate import _first_block_inputs, _next_block_inputs, quantize_model  # noqa: E402
+from quantlab.evaluate import EvalPlan, evaluate  # noqa: E402
+from quantlab.models.base import UNBOUNDED_CONTEXT  # noqa: E402
 from quantlab.models.hf import HFModel, conv1d_as_linear, find_blocks, load_hf, wrap_hf  # noqa: E402
+from quantlab.quant import Scheme  # noqa: E402
 
 SENTENCES = [
     "To be, or not to be, that is the question.",
@@ -235,3 +239,30 @@ def test_calibration_runs_every_block_with_its_own_mask_and_positions(family):
         last = _next_block_inputs(model, len(model.blocks) - 1, batches)[0][0]
     # The last entry of hidden_states is taken after the final norm: compare logits instead.
     torch.testing.assert_close(model.head(last), expected.logits, rtol=0, atol=1e-5)
+
+
+def alibi_model(family: str) -> nn.Module:
+    """ALiBi models: no position table, so Bloom's config states no context length; MPT's
+    ``max_seq_len`` is the length its ALiBi bias table is built for."""
+    torch.manual_seed(0)
+    special = {"bos_token_id": 0, "eos_token_id": 1}
+    if family == "bloom":
+        return BloomForCausalLM(BloomConfig(vocab_size=VOCAB, hidden_size=HIDDEN, n_layer=2, n_head=4, **special))
+    return MptForCausalLM(MptConfig(vocab_size=VOCAB, d_model=HIDDEN, n_layers=2, n_heads=4, max_seq_len=64,
+                                    expansion_ratio=2, **special))
+
+
+@pytest.mark.parametrize("family, context", [("bloom", UNBOUNDED_CONTEXT), ("mpt", 64)])
+def test_alibi_models_load_calibrate_and_evaluate(family, context):
+    model = wrap_hf(alibi_model(family), tiny_tokenizer(), family)
+    assert model.max_seq_len == context
+    assert [len(model.linear_names(i)) for i in range(2)] == [4, 4]   # qkv, attention output, MLP in and out
+    hidden, kwargs = model.block_inputs(tokens())
+    for i in range(len(model.blocks)):
+        hidden = model.run_block(i, hidden, kwargs)
+    torch.testing.assert_close(model.head(hidden), model.logits(tokens()), rtol=0, atol=1e-5)
+    result = quantize_model(model, Scheme(4, group_size=16), tokens(4), method="gptq", batch_size=2)
+    assert set(result.layers) == set(model.all_linear_names())
+    assert all(math.isfinite(layer["rel_loss"]) and layer["rel_loss"] > 0 for layer in result.layers.values())
+    metrics = evaluate(result.model, EvalPlan(tokens=tokens(1, 48).reshape(-1), seq_len=12, kl=False))
+    assert math.isfinite(metrics["ppl"])

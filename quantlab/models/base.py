@@ -6,10 +6,16 @@ provide ``module``, ``blocks``, ``logits`` and ``encode``; everything generic li
 from __future__ import annotations
 
 import hashlib
+import sys
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+
+
+# max_seq_len of a model with no context limit of its own (ALiBi, as in Bloom): the spec's seq_len
+# decides. An int rather than None or inf, so that comparing with it and slicing by it just work.
+UNBOUNDED_CONTEXT = sys.maxsize
 
 
 class _StopForward(Exception):
@@ -33,7 +39,7 @@ class LanguageModel:
     module: nn.Module          # the torch model (eval mode)
     blocks: nn.ModuleList      # decoder blocks, in execution order
     vocab_size: int
-    max_seq_len: int
+    max_seq_len: int          # longest window the model reads; UNBOUNDED_CONTEXT when it sets no limit
     tokenizer: dict = field(default_factory=dict)  # how text becomes tokens: for the fingerprint
     source: dict = field(default_factory=dict)     # where the weights came from (path, sha256, notes)
 

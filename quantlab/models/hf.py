@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from quantlab.models.base import LanguageModel
+from quantlab.models.base import UNBOUNDED_CONTEXT, LanguageModel
 
 
 @dataclass
@@ -86,15 +86,26 @@ def wrap_hf(module: nn.Module, tokenizer, name: str, source: dict | None = None)
     if lm_head is None:
         raise ValueError(f"{type(module).__name__} has no output embedding (lm_head); "
                          "quantlab needs a causal LM (AutoModelForCausalLM), not a bare encoder/decoder")
-    max_seq_len = getattr(module.config, "max_position_embeddings", None)
-    if not max_seq_len:
-        raise ValueError(f"{type(module.config).__name__} does not say its context length "
-                         "(max_position_embeddings); set it in config.json")
     return HFModel(
         name=name, module=module, blocks=blocks, vocab_size=lm_head.weight.shape[0],
-        max_seq_len=int(max_seq_len), tokenizer=describe_tokenizer(tokenizer, name),
+        max_seq_len=context_length(module), tokenizer=describe_tokenizer(tokenizer, name),
         source=source or {}, hf_tokenizer=tokenizer, head_names=trace_head(module, blocks_name),
     )
+
+
+def context_length(module: nn.Module) -> int:
+    """The longest window the model reads: its position table's length (max_position_embeddings), or
+    the length MPT builds its ALiBi bias for (max_seq_len). A model that states neither and has no
+    position table (Bloom's ALiBi has nothing to outgrow) reads any length: UNBOUNDED_CONTEXT."""
+    for key in ("max_position_embeddings", "max_seq_len"):
+        value = getattr(module.config, key, None)
+        if value:
+            return int(value)
+    inputs = module.get_input_embeddings()
+    if any(isinstance(m, nn.Embedding) and m is not inputs for m in module.modules()):
+        raise ValueError(f"{type(module.config).__name__} does not say its context length "
+                         "(max_position_embeddings); set it in config.json")
+    return UNBOUNDED_CONTEXT
 
 
 def find_blocks(module: nn.Module) -> tuple[str, nn.ModuleList]:
