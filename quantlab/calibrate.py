@@ -294,6 +294,12 @@ def _validate(model, scheme, calibration, heldout, method, batch_size) -> None:
     if method == "gptq" and isinstance(scheme, FloatScheme):
         raise ValueError(f"method 'gptq' needs an integer scheme; {scheme.dtype} weights are only rounded, "
                          "use method 'rtn'")
+    if isinstance(scheme, Scheme) and (outside := model.weights_outside_linears()):
+        # Skipping them would report "INT4" for a model whose experts all stayed float16.
+        name, shape = outside[0]
+        raise ValueError(f"{name} {shape} is not an nn.Linear weight (mixture-of-experts experts kept as one "
+                         f"tensor?), so {scheme.describe()} would leave it and {len(outside) - 1} more unquantized; "
+                         "quantlab quantizes nn.Linear layers only: use a model whose block weights are nn.Linear")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     for label, tokens in (("calibration", calibration), ("heldout", heldout)):

@@ -202,6 +202,39 @@ def test_a_linear_called_twice_is_quantized_once_on_the_hessian_of_both_calls():
     assert 0 < layer["rel_loss"] < layer["rtn_rel_loss"]
 
 
+class RoutedBlock(nn.Module):
+    """Two Linear experts, each token routed to one by the sign of its first feature."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.experts = nn.ModuleList(nn.Linear(width, width) for _ in range(2))
+
+    def forward(self, x):
+        flat, out = x.reshape(-1, x.shape[-1]), torch.zeros_like(x).reshape(-1, x.shape[-1])
+        route = (flat[:, 0] > 0).long()
+        for i, expert in enumerate(self.experts):
+            picked = route == i
+            if picked.any():
+                out[picked] = expert(flat[picked])
+        return x + out.reshape(x.shape)
+
+
+def test_an_expert_that_only_later_batches_reach_is_calibrated_on_their_tokens():
+    torch.manual_seed(0)
+    module = nn.Module()
+    module.embed, module.blocks = nn.Embedding(256, 16), nn.ModuleList([RoutedBlock(16)])
+    module.head = nn.Linear(16, 256)
+    model = ToyModel("routed", module.eval(), module.blocks, vocab_size=256, max_seq_len=32)
+    # Batch 0 (two windows) only holds tokens routed to expert 0, batch 1 only tokens routed to expert 1.
+    to_second = module.embed.weight[:, 0] > 0
+    first, second = torch.arange(256)[~to_second], torch.arange(256)[to_second]
+    tokens = torch.cat([first[:16].reshape(2, 8), second[:16].reshape(2, 8)])
+    result = quantize_model(model, INT4_G16, tokens, method="gptq", batch_size=2)
+    assert result.health == []
+    assert result.layers["blocks.0.experts.0"]["n_tokens"] == result.layers["blocks.0.experts.1"]["n_tokens"] == 16
+    assert result.layers["blocks.0.experts.1"]["rel_loss"] < result.layers["blocks.0.experts.1"]["rtn_rel_loss"]
+
+
 def test_running_mean_hessian_equals_the_batch_formula():
     X = torch.randn(100, 6, generator=torch.Generator().manual_seed(0))
     stats = InputStatistics(6)

@@ -17,14 +17,14 @@ pytest.importorskip("transformers")
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
 from transformers import (  # noqa: E402
     AutoModelForCausalLM, BloomConfig, BloomForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, GPT2Config, GPT2LMHeadModel, LlamaConfig,
-    LlamaForCausalLM, MptConfig, MptForCausalLM, OPTConfig, OPTForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM)
+    LlamaForCausalLM, MixtralConfig, MixtralForCausalLM, MptConfig, MptForCausalLM, OPTConfig, OPTForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM)
 from transformers.pytorch_utils import Conv1D  # noqa: E402
 
 from quantlab.calibrate import _first_block_inputs, _next_block_inputs, quantize_model  # noqa: E402
 from quantlab.evaluate import EvalPlan, evaluate  # noqa: E402
 from quantlab.models.base import UNBOUNDED_CONTEXT  # noqa: E402
 from quantlab.models.hf import HFModel, conv1d_as_linear, find_blocks, load_hf, wrap_hf  # noqa: E402
-from quantlab.quant import Scheme  # noqa: E402
+from quantlab.quant import PRESETS, Scheme  # noqa: E402
 
 SENTENCES = [
     "To be, or not to be, that is the question.",
@@ -266,3 +266,23 @@ def test_alibi_models_load_calibrate_and_evaluate(family, context):
     assert all(math.isfinite(layer["rel_loss"]) and layer["rel_loss"] > 0 for layer in result.layers.values())
     metrics = evaluate(result.model, EvalPlan(tokens=tokens(1, 48).reshape(-1), seq_len=12, kl=False))
     assert math.isfinite(metrics["ppl"])
+
+
+def tiny_mixtral() -> nn.Module:
+    """Mixture of experts as transformers 5 stores it: each layer's experts in 3-D parameters
+    (experts, out, in), not nn.Linear layers."""
+    torch.manual_seed(0)
+    return MixtralForCausalLM(MixtralConfig(
+        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=128,
+        bos_token_id=0, eos_token_id=1))
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_experts_stored_as_3d_parameters_are_refused_not_left_in_float16(method):
+    model = wrap_hf(tiny_mixtral(), tiny_tokenizer(), "tiny-mixtral")
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.experts\.gate_up_proj .*not an nn\.Linear"):
+        quantize_model(model, Scheme(4, group_size=16), tokens(2), method=method)
+    # Float schemes round every parameter, experts included: nothing is left out.
+    assert quantize_model(model, PRESETS["fp16"], None).bytes["bytes_total"] == 2 * sum(
+        p.numel() for p in model.module.parameters())

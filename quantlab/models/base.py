@@ -6,6 +6,7 @@ provide ``module``, ``blocks``, ``logits`` and ``encode``; everything generic li
 from __future__ import annotations
 
 import hashlib
+import math
 import sys
 from dataclasses import dataclass, field
 
@@ -63,6 +64,20 @@ class LanguageModel:
 
     def all_linear_names(self) -> list[str]:
         return [n for i in range(len(self.blocks)) for n in self.linear_names(i)]
+
+    def weights_outside_linears(self) -> list[tuple[str, tuple]]:
+        """(name, shape) of every block matrix (2-D or more) that no nn.Linear holds, largest first.
+        Quantizers see nn.Linear layers only, so these would stay float: e.g. the experts that
+        transformers 5 keeps as one (experts, out, in) parameter per projection, and MoE routers."""
+        found = []
+        for i, block in enumerate(self.blocks):
+            prefix = self.block_prefix(i)
+            for module_name, module in block.named_modules(prefix=prefix):
+                if isinstance(module, nn.Linear):
+                    continue
+                found += [(f"{module_name}.{name}", tuple(p.shape))
+                          for name, p in module.named_parameters(recurse=False) if p.dim() >= 2]
+        return sorted(found, key=lambda item: -math.prod(item[1]))   # stable: block order among equals
 
     def block_prefix(self, block_index: int) -> str:
         block = self.blocks[block_index]
