@@ -175,6 +175,13 @@ def export_compressed_tensors(quantized, out_dir, *, tokenizer_source=None, over
     from compressed_tensors.quantization import QuantizationConfig
 
     _require_servable(quantized, COMPRESSED_TENSORS)
+    act_order = any(qt.g_idx is not None for qt in quantized.qtensors.values())
+    if act_order and not quantized.scheme.symmetric:
+        # transformers 5.23 reads asymmetric pack-quantized only through dequantize=True, whose loader
+        # does not collect weight_g_idx: the columns would be dequantized in the wrong groups.
+        raise ValueError(f"cannot export {quantized.scheme.describe()} with act-order groups (g_idx) as "
+                         f"{COMPRESSED_TENSORS}: transformers cannot load asymmetric weights with weight_g_idx; "
+                         "quantize with symmetric: true, static_groups: true or act_order: false")
     module = quantized.model.module
     names = sorted(quantized.qtensors)
     state = {k: v for k, v in module.state_dict().items()}
@@ -184,7 +191,6 @@ def export_compressed_tensors(quantized, out_dir, *, tokenizer_source=None, over
         for key, tensor in compressed_tensors_state(quantized.qtensors[name]).items():
             state[f"{name}.{key}"] = tensor
             bytes_quantized += tensor.numel() * tensor.element_size()
-    act_order = any(qt.g_idx is not None for qt in quantized.qtensors.values())
     # Target every nn.Linear and ignore the ones quantlab kept in float (lm_head, ...): the usual
     # llm-compressor shape of the config, short whatever the depth.
     ignore = [n for n, m in module.named_modules() if isinstance(m, nn.Linear) and n not in quantized.qtensors]
