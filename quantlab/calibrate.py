@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from typing import Optional, Union
 
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
 from quantlab.gptq import all_finite, gptq_quantize, relative_loss, torch_threads
@@ -140,7 +139,7 @@ class _InputsCaptured(Exception):
 Batch = tuple  # (hidden (B, T, C), kwargs): what one block receives for one batch of token windows
 
 
-@dataclass
+@dataclass(eq=False)   # a group is itself: ``groups.index`` must find this one, not an equal one
 class InputGroup:
     """Linears that read the same input tensors, call for call: they share one Hessian.
 
