@@ -164,6 +164,8 @@ def write_gptq_dir(directory, symmetric: bool, checkpoint_format: str, act_order
             g_idx = torch.empty(in_features, dtype=torch.long)
             g_idx[order] = torch.arange(in_features) // 32
         qt = quantize_rtn(weight, scheme, g_idx)
+        if not symmetric:
+            qt.zeros[0, 0] = 0   # the zero v1 cannot store (random weights rarely give one)
         unsigned = qt.codes.to(torch.int16) + (8 if symmetric else 0)
         zeros = torch.full(qt.scales.shape, 8) if symmetric else qt.zeros.to(torch.int64)
         stored = (zeros - (1 if checkpoint_format == "gptq" else 0)) & 0xF
