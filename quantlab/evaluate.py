@@ -29,14 +29,12 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from quantlab.metrics import METRICS, ppl_gap
 from quantlab.models.base import LanguageModel
+from quantlab.results import finite as finite_or_none
 
-# The keys ``evaluate`` returns: the evaluation part of a scheme's entry in results.json.
-METRIC_KEYS = (
-    "ppl", "ppl_stderr", "ppl_gap", "bits_per_byte", "kld_mean", "kld_median", "kld_p99",
-    "top1_agreement", "tasks", "nan_count", "bytes_total", "bytes_linear", "bits_per_weight",
-    "eval_tokens", "eval_seconds", "tokens_per_second",
-)
+# The keys ``evaluate`` returns: the registry's evaluation metrics, plus the per-task results.
+METRIC_KEYS = tuple(name for name, m in METRICS.items() if m.source == "evaluate") + ("tasks",)
 
 # Caching the baseline's log-probs saves one baseline forward pass per window for every scheme after
 # the first; above this size (SmolLM2: 49,152 x 4 bytes per scored token, so ~5,000 tokens) they are
@@ -186,23 +184,12 @@ def binomial_stderr(acc: float, n: int) -> float:
     return math.sqrt(acc * (1.0 - acc) / n)
 
 
-def ppl_gap(ppl: Optional[float], baseline_ppl: Optional[float]) -> Optional[float]:
-    """Relative perplexity increase over the baseline: 0.15 means 15% worse."""
-    if ppl is None or baseline_ppl is None:
-        return None
-    return ppl / baseline_ppl - 1.0
-
-
 def exp_or_none(x: float) -> Optional[float]:
     """exp(x), or None where it is not a finite number (NaN, or so large it overflows)."""
     try:
         return finite_or_none(math.exp(x))
     except OverflowError:
         return None
-
-
-def finite_or_none(x: Optional[float]) -> Optional[float]:
-    return float(x) if x is not None and math.isfinite(x) else None
 
 
 def count_nonfinite(t: torch.Tensor) -> int:
@@ -463,14 +450,12 @@ def nan_count(model: LanguageModel) -> int:
     return sum(count_nonfinite(t.detach()) for t in unique)
 
 
-def evaluate(model: LanguageModel, plan: EvalPlan, baseline: Union[LanguageModel, BaselineLogProbs, None] = None,
-             bytes_info: Optional[dict] = None) -> dict:
+def evaluate(model: LanguageModel, plan: EvalPlan, baseline: Union[LanguageModel, BaselineLogProbs, None] = None) -> dict:
     """All evaluation metrics of one scheme's model, under one protocol for every scheme and model kind.
 
     The model runs once per window: NLL, and KL divergence against ``baseline`` when the plan asks for
     it, come from the same logits. Pass a ``BaselineLogProbs`` built once per run so the baseline's
     log-probs are shared by every scheme (a bare baseline model is recomputed window by window).
-    ``bytes_info`` is ``quant.model_bytes``' dict (bytes_total, bytes_linear, params_linear).
 
     nan_count is the NaN/Inf elements in the weights plus those in all logits computed here; the
     metrics they poison come back as None. tokens_per_second is the window pass's throughput (tokens
@@ -505,23 +490,10 @@ def evaluate(model: LanguageModel, plan: EvalPlan, baseline: Union[LanguageModel
         **kl,
         "tasks": tasks,
         "nan_count": nan_count(model) + windows.nonfinite_logits + task_nonfinite,
-        **bytes_metrics(bytes_info),
         "eval_tokens": ppl["eval_tokens"],
         "eval_seconds": seconds,
         "tokens_per_second": windows.forward_tokens / windows.seconds if windows.seconds > 0 else None,
     }
-
-
-def bytes_metrics(bytes_info: Optional[dict]) -> dict:
-    """bytes_total, bytes_linear and bits_per_weight (bits per Linear weight, scales and zeros included)
-    from ``quant.model_bytes``' dict; all None when no byte accounting was done."""
-    if bytes_info is None:
-        return {"bytes_total": None, "bytes_linear": None, "bits_per_weight": None}
-    bits_per_weight = bytes_info.get("bits_per_weight")
-    if bits_per_weight is None and bytes_info.get("params_linear"):
-        bits_per_weight = 8 * bytes_info["bytes_linear"] / bytes_info["params_linear"]
-    return {"bytes_total": bytes_info.get("bytes_total"), "bytes_linear": bytes_info.get("bytes_linear"),
-            "bits_per_weight": bits_per_weight}
 
 
 def _as_baseline(baseline: Union[LanguageModel, BaselineLogProbs], plan: EvalPlan) -> BaselineLogProbs:

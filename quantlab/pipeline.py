@@ -1,4 +1,4 @@
-"""One spec run: plan -> calibrate -> quantize -> evaluate -> results (the results.json dict).
+"""One spec run: plan -> calibrate -> quantize -> evaluate -> results (a ``RunResult``, results.json).
 
 Each scheme's result is cached on disk under a key made of everything that determines it (the
 scheme, the model's checksum, the calibration and evaluation settings, the seed when the scheme draws
@@ -7,6 +7,7 @@ recomputes only what changed.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -17,9 +18,11 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from torch import nn
 
 import quantlab
+from quantlab.accounting import deployable_bytes, round_kept_modules
+from quantlab.files import write_json
+from quantlab.results import HealthEvent, RunResult, SchemeResult, Sweep
 from quantlab.spec import SchemeConfig, Spec, as_spec
 
 log = logging.getLogger("quantlab")
@@ -27,15 +30,8 @@ log = logging.getLogger("quantlab")
 RESULTS_CACHE_ENV = "QUANTLAB_RESULTS_CACHE"
 
 
-class Results(dict):
-    """The results.json dict of one spec run (see DESIGN.md), with a few conveniences."""
-
-    def scheme(self, name: str) -> dict:
-        return self["results"][name]
-
-    @property
-    def schemes(self) -> list:
-        return list(self["results"])
+# ``quantlab.run`` returns a RunResult; the name the design brief and users know.
+Results = RunResult
 
 
 def default_cache_dir() -> Path:
@@ -71,10 +67,6 @@ def _key(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
-def _finite(x):
-    return x if not isinstance(x, float) or x == x and abs(x) != float("inf") else None
-
-
 class SchemeCache:
     """Per-scheme results on disk as JSON, one file per key, written atomically."""
 
@@ -94,8 +86,6 @@ class SchemeCache:
     def put(self, key: str, value: dict) -> None:
         if not self.enabled:
             return
-        from quantlab.report import write_json
-
         self.directory.mkdir(parents=True, exist_ok=True)
         write_json(self.directory / f"{key}.json", value)
 
@@ -233,47 +223,43 @@ class SpecRun:
             round_kept_modules(quantized.model, set(quantized.qtensors), spec.keep)
         return quantized
 
-    def scheme_result(self, spec: Spec, name: str) -> dict:
+    def scheme_result(self, spec: Spec, name: str) -> SchemeResult:
         cfg = spec.schemes[name]
         key = self.cache_key(spec, cfg)
         cached = self.cache.get(key)
         if cached is not None:
             log.info("%s: cached", name)
-            return cached
+            return SchemeResult.from_json(cached)
         from quantlab.evaluate import evaluate
-        from quantlab.report import decode_workload
+        from quantlab.roofline import decode_workload
 
         log.info("%s: quantizing (%s)", name, cfg.quant_scheme().describe())
         started = time.perf_counter()
         quantized = self.baseline_quantized if name == spec.baseline else self.quantize(spec, cfg)
         quantize_seconds = quantized.seconds if name != spec.baseline else 0.0
         log.info("%s: evaluating", name)
-        bytes_info = deployable_bytes(quantized, cfg.quant_scheme(), spec.keep)
         metrics = evaluate(quantized.model, self.plan(spec),
-                           baseline=self.baseline_log_probs(spec) if spec.evaluation.kl_divergence else None,
-                           bytes_info=bytes_info)
-        layers = {n: {k: _finite(v) for k, v in info.items()} for n, info in quantized.layers.items()}
+                           baseline=self.baseline_log_probs(spec) if spec.evaluation.kl_divergence else None)
+        layers = {n: dict(info) for n, info in quantized.layers.items()}
         for n, qt in quantized.qtensors.items():
             layers.setdefault(n, {}).update(code_min=int(qt.codes.min()), code_max=int(qt.codes.max()))
-        result = {
-            **{k: _finite(v) for k, v in metrics.items() if k != "tasks"},
-            "tasks": metrics["tasks"],
-            "quantize_seconds": quantize_seconds,
-            "params_linear": bytes_info["params_linear"],
-            "params_total": bytes_info["params_total"],
-            "workload": decode_workload(quantized.model.module),
-            "codes": ({"min": min(l["code_min"] for l in layers.values() if "code_min" in l),
-                       "max": max(l["code_max"] for l in layers.values() if "code_max" in l)}
-                      if quantized.qtensors else None),
-            "layers": layers,
-            "mean_rel_loss": _mean(l.get("rel_loss") for l in layers.values()),
-            "mean_rtn_rel_loss": _mean(l.get("rtn_rel_loss") for l in layers.values()),
-            "mean_heldout_rel_loss": _mean(l.get("heldout_rel_loss") for l in layers.values()),
-            "health": [{"layer": h.get("layer"), "event": h["event"], "detail": h.get("detail", "")}
-                       for h in quantized.health],
-            "wall_seconds": time.perf_counter() - started,
-        }
-        self.cache.put(key, result)
+        result = SchemeResult(
+            **metrics,
+            **deployable_bytes(quantized.model, quantized.qtensors, cfg.quant_scheme(), spec.keep),
+            quantize_seconds=quantize_seconds,
+            workload=decode_workload(quantized.model.module),
+            codes=({"min": min(l["code_min"] for l in layers.values() if "code_min" in l),
+                    "max": max(l["code_max"] for l in layers.values() if "code_max" in l)}
+                   if quantized.qtensors else None),
+            layers=layers,
+            mean_rel_loss=_mean(l.get("rel_loss") for l in layers.values()),
+            mean_rtn_rel_loss=_mean(l.get("rtn_rel_loss") for l in layers.values()),
+            mean_heldout_rel_loss=_mean(l.get("heldout_rel_loss") for l in layers.values()),
+            health=[HealthEvent(event=h["event"], layer=h.get("layer"), detail=h.get("detail", ""))
+                    for h in quantized.health],
+            wall_seconds=time.perf_counter() - started,
+        )
+        self.cache.put(key, result.to_json())
         return result
 
 
@@ -283,78 +269,14 @@ def _mean(values) -> Optional[float]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Kept modules and bytes
-
-
-def module_kind(module: nn.Module, name: str, block_prefixes) -> Optional[str]:
-    """'embeddings', 'norms' or 'lm_head' for the float modules a spec's `keep` talks about."""
-    if isinstance(module, nn.Embedding):
-        return "embeddings"
-    if "norm" in type(module).__name__.lower():
-        return "norms"
-    if isinstance(module, nn.Linear) and not any(name.startswith(p + ".") for p in block_prefixes):
-        return "lm_head"
-    return None
-
-
-def float_element_bytes(model, keep, scheme) -> dict:
-    """id(parameter) -> bytes per element for every parameter that is not a quantized Linear weight:
-    4 under a float32 scheme; otherwise 2 for the `keep` kinds and Linear biases, 4 for kinds left out
-    of `keep` (a spec that drops lm_head from keep keeps it in float32)."""
-    from quantlab.quant import FloatScheme
-
-    if isinstance(scheme, FloatScheme):
-        size = 4 if scheme.dtype == "float32" else 2
-        return {id(p): size for p in model.module.parameters()}
-    prefixes = [model.block_prefix(i) for i in range(len(model.blocks))]
-    sizes = {}
-    for name, module in model.module.named_modules():
-        kind = module_kind(module, name, prefixes)
-        for p in module.parameters(recurse=False):
-            sizes.setdefault(id(p), 2 if kind is None or kind in keep else 4)
-    return sizes
-
-
-def round_kept_modules(model, quantized_linears: set, keep) -> None:
-    """Round the float parameters stored in float16 (see float_element_bytes) through float16, so the
-    evaluated model is the deployed one. Called on the quantized copy only."""
-    sizes = float_element_bytes(model, keep, None)
-    quantized = {id(model.module.get_submodule(n).weight) for n in quantized_linears}
-    with torch.no_grad():
-        for p in model.module.parameters():
-            if id(p) not in quantized and sizes.get(id(p)) == 2:
-                p.copy_(p.to(torch.float16).to(p.dtype))
-
-
-def deployable_bytes(quantized, scheme, keep) -> dict:
-    """bytes_total / bytes_linear / params: quantized Linears at their packed size, float parameters at
-    their stored size (float_element_bytes), tied parameters counted once."""
-    module = quantized.model.module
-    sizes = float_element_bytes(quantized.model, keep, scheme)
-    seen, bytes_linear, params_linear, bytes_other, params_other = set(), 0, 0, 0, 0
-    for name in quantized.model.all_linear_names():
-        weight = module.get_submodule(name).weight
-        seen.add(id(weight))
-        params_linear += weight.numel()
-        qtensor = quantized.qtensors.get(name)
-        bytes_linear += qtensor.nbytes if qtensor is not None else weight.numel() * sizes[id(weight)]
-    for p in module.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            bytes_other += p.numel() * sizes.get(id(p), 2)
-            params_other += p.numel()
-    return {"bytes_linear": bytes_linear, "bytes_total": bytes_linear + bytes_other,
-            "params_linear": params_linear, "params_total": params_linear + params_other}
-
-
-# ---------------------------------------------------------------------------------------------
 # The run
 
 
-def run(spec, *, out_dir=None, use_cache: bool = True, cache_dir=None, progress: bool = False) -> Results:
-    """Run a spec (a path, a dict or a Spec) and return its Results; with ``out_dir``, also write
-    results.json, manifest.json and the plots there."""
-    from quantlab.report import manifest, measure_machine
+def run(spec, *, out_dir=None, use_cache: bool = True, cache_dir=None, progress: bool = False) -> RunResult:
+    """Run a spec (a path, a dict or a Spec) and return its RunResult; with ``out_dir``, also write
+    results.json, manifest.json, the plots and report.html there."""
+    from quantlab.report.provenance import manifest
+    from quantlab.roofline import measure_machine
 
     spec = as_spec(spec)
     started = time.perf_counter()
@@ -362,7 +284,7 @@ def run(spec, *, out_dir=None, use_cache: bool = True, cache_dir=None, progress:
     per_scheme = {}
     for name in _baseline_first(spec):
         per_scheme[name] = runner.scheme_result(spec, name)
-    _fill_gaps(per_scheme, spec.baseline)
+    per_scheme = _with_gaps({name: per_scheme[name] for name in spec.schemes}, per_scheme[spec.baseline])
 
     sweeps = []
     if spec.sweep is not None:
@@ -377,60 +299,54 @@ def run(spec, *, out_dir=None, use_cache: bool = True, cache_dir=None, progress:
                     point[name] = runner.scheme_result(variant, name)
                 else:  # this value does not change the scheme (RTN under a calibration sweep)
                     point[name] = per_scheme[name]
-            _fill_gaps(point, spec.baseline, per_scheme.get(spec.baseline))
-            points.append(point)
-        sweeps.append({"key": key, "values": values, "results": points})
+            points.append(_with_gaps(point, point.get(spec.baseline) or per_scheme[spec.baseline]))
+        sweeps.append(Sweep(key=key, values=tuple(values), results=tuple(points)))
 
-    health = [{"scheme": name, **event} for name, r in per_scheme.items() for event in r.get("health", [])]
+    health = [dataclasses.replace(event, scheme=name) for name, r in per_scheme.items() for event in r.health]
     first = per_scheme[spec.baseline]
-    results = Results({
-        "spec": spec.name,
-        "spec_sha256": spec.sha256,
-        "source": spec.source,
-        "seed": spec.seed,
-        "baseline": spec.baseline,
-        "model": {"name": spec.model, "params_linear": first.get("params_linear"),
-                  "params_total": first.get("params_total"), **(first.get("workload") or {})},
-        "fingerprint": _cached_fingerprint(runner, spec),
-        "schemes": {name: cfg.describe() for name, cfg in spec.schemes.items()},
-        "results": per_scheme,
-        "sweeps": sweeps,
-        "health": health,
-        "report": {"plots": spec.report.plots, "memory_budget_bytes": spec.report.memory_budget_bytes,
-                   "memory_budget_label": spec.report.memory_budget_label},
-        "seconds": time.perf_counter() - started,
-    })
     run_manifest = manifest(spec.name, spec.sha256, spec.seed)
-    results.update(versions=run_manifest["versions"], git=run_manifest["git"], timestamp=run_manifest["timestamp"],
-                   machine={**run_manifest["machine"], **measure_machine()}, manifest=run_manifest)
+    results = RunResult(
+        spec=spec.name,
+        spec_sha256=spec.sha256,
+        source=spec.source,
+        seed=spec.seed,
+        baseline=spec.baseline,
+        model={"name": spec.model, "params_linear": first.params_linear, "params_total": first.params_total,
+               **first.workload},
+        fingerprint=_cached_fingerprint(runner, spec),
+        schemes={name: cfg.describe() for name, cfg in spec.schemes.items()},
+        results=per_scheme,
+        sweeps=tuple(sweeps),
+        health=tuple(health),
+        report={"plots": spec.report.plots, "memory_budget_bytes": spec.report.memory_budget_bytes,
+                "memory_budget_label": spec.report.memory_budget_label,
+                "ppl_gap_thresholds": [{"scheme": e.scheme, "op": e.op, "threshold": e.threshold, "line": e.line}
+                                       for e in spec.expect if e.kind == "compare" and e.metric == "ppl_gap"
+                                       and isinstance(e.threshold, (int, float))]},
+        seconds=time.perf_counter() - started,
+        versions=run_manifest["versions"], git=run_manifest["git"], timestamp=run_manifest["timestamp"],
+        machine={**run_manifest["machine"], **measure_machine()}, manifest=run_manifest,
+    )
     if out_dir is not None:
         write_outputs(results, spec, out_dir)
     return results
 
 
-def write_outputs(results: Results, spec: Spec, out_dir) -> dict:
-    """results.json, manifest.json, plots and a standalone report.html in out_dir."""
+def write_outputs(results: RunResult, spec: Spec, out_dir) -> dict:
+    """results.json, manifest.json, plots and a standalone report.html in out_dir; returns their paths."""
     from quantlab.report import write_report_files
 
-    results.paths = write_report_files(results, Path(out_dir), spec.report.plots,
-                                       memory_budget_bytes=spec.report.memory_budget_bytes)
-    return results.paths
+    return write_report_files(results, Path(out_dir), spec.report.plots,
+                              memory_budget_bytes=spec.report.memory_budget_bytes)
 
 
 def _baseline_first(spec: Spec) -> list:
     return [spec.baseline] + [n for n in spec.schemes if n != spec.baseline]
 
 
-def _fill_gaps(per_scheme: dict, baseline: str, baseline_result: Optional[dict] = None) -> None:
-    """ppl_gap relative to the baseline's ppl on the same windows, when evaluate() left it empty."""
-    from quantlab.evaluate import ppl_gap
-
-    base = per_scheme.get(baseline) or baseline_result
-    if base is None:
-        return
-    for result in per_scheme.values():
-        if result.get("ppl_gap") is None:
-            result["ppl_gap"] = _finite(ppl_gap(result.get("ppl"), base.get("ppl")))
+def _with_gaps(per_scheme: dict, baseline: SchemeResult) -> dict:
+    """Every scheme with ppl_gap measured against the baseline where the evaluation left it empty."""
+    return {name: result.with_gap_to(baseline) for name, result in per_scheme.items()}
 
 
 def _cached_fingerprint(runner: SpecRun, spec: Spec) -> dict:

@@ -181,7 +181,7 @@ def golden_root(spec) -> Path:
 def _check_fingerprint(request, spec, results) -> None:
     """Refuse to compare against golden files recorded under another evaluation protocol."""
     __tracebackhide__ = True
-    from quantlab.report import write_json
+    from quantlab.files import write_json
 
     path = golden_root(spec) / "fingerprint.json"
     current = {"fingerprint": results["fingerprint"], "layers": layer_names(results)}

@@ -5,7 +5,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from quantlab.gptq import gptq_quantize, output_loss, relative_loss, torch_threads
+from quantlab.gptq import gptq_quantize, output_loss, relative_loss
 from quantlab.quant import FloatScheme, Scheme, compute_scales, dequantize, quantize, quantize_rtn
 
 schemes = st.builds(
@@ -18,12 +18,7 @@ symmetric_grids = st.builds(Scheme, bits=st.integers(2, 8), group_size=st.sample
                             grid=st.sampled_from(["restricted", "full"]))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models and matrices are tiny: on the shared 2-core CPU, a second OpenMP thread only adds
-    waiting (measured: the trained-MiniGPT test took 93 s on two threads under load, 6 s on one)."""
-    with torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def correlated_inputs(n_tokens: int, in_features: int, seed: int) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """Tests of the report: frontier, roofline numbers, interpretation, files, plots and HTML.
 
-Results dicts are synthetic but shaped like results.json (DESIGN.md); sizes come from the real byte
-accounting of a tiny MiniGPT so the roofline tests exercise the numbers the pipeline would record.
+Results are synthetic but built through the results type (quantlab.results), so they have the
+results.json shape; sizes come from the real byte accountant on a tiny MiniGPT quantized with each
+preset, so the roofline tests exercise the numbers the pipeline would record.
 """
 import json
 import math
@@ -13,18 +14,18 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from quantlab import report
-from quantlab.models.minigpt import MiniGPT, MiniGPTConfig
-from quantlab.quant import PRESETS, FloatScheme, expected_nbytes, model_bytes
-from quantlab.roofline import decode_intensity, decode_workload, measure_machine
+from quantlab.accounting import deployable_bytes
+from quantlab.quant import PRESETS, FloatScheme, quantize_rtn
+from quantlab.report import page, plots
+from quantlab.results import LayerStats, RunResult, SchemeResult, Sweep, TaskResult
+from quantlab.roofline import decode_intensity, decode_workload
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # Ceilings of a made-up machine, so plots and sentences do not depend on this one's speed.
 MACHINE = {"peak_gflops": 100.0, "bandwidth_gbs": 20.0}
-
-
-def tiny_minigpt():
-    torch.manual_seed(0)
-    return MiniGPT(MiniGPTConfig(vocab_size=256, block_size=16, n_layer=2, n_head=2, n_embd=32))
+# The spec's ppl_gap assertions, as the pipeline records them for the interpretation.
+DOD_AND_HOPE = [{"scheme": "int4-g64-gptq", "op": "<", "threshold": 0.15, "line": 3},
+                {"scheme": "int4-g64-gptq", "op": "<", "threshold": 0.05, "line": 4}]
 
 
 def scheme_meta(name):
@@ -35,42 +36,41 @@ def scheme_meta(name):
             "group_size": scheme.group_size, "symmetric": scheme.symmetric, "grid": scheme.grid}
 
 
-def make_results(ppl_by_scheme, gptq_of=None, tasks=True, layers=True, sweep=True):
-    """Results for a tiny MiniGPT: bytes from the preset's byte accounting, ppl as given.
+def make_results(model, ppl_by_scheme, gptq_of=None, tasks=True, layers=True, sweep=True, thresholds=()):
+    """A RunResult for ``model`` (a tiny MiniGPT): bytes from the byte accountant, ppl as given.
     ``gptq_of`` maps a GPTQ scheme name to the preset whose grid it uses."""
-    module = tiny_minigpt()
-    linear_names = [n for n, m in module.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+    linear_names = model.all_linear_names()
     gptq_of = gptq_of or {}
     baseline_ppl = ppl_by_scheme["fp32"]
     results, schemes = {}, {}
     for i, (name, ppl) in enumerate(ppl_by_scheme.items()):
         preset = PRESETS[gptq_of.get(name, name)]
-        sizes = model_bytes(module, {n: expected_nbytes(*module.get_submodule(n).weight.shape, preset)
-                                     for n in linear_names})
-        schemes[name] = {**scheme_meta(gptq_of.get(name, name)), **({"method": "gptq"} if name in gptq_of else {})}
         quantized = not isinstance(preset, FloatScheme)
-        results[name] = {
-            "ppl": ppl, "ppl_stderr": 0.01 * ppl, "ppl_gap": ppl / baseline_ppl - 1,
-            "kld_mean": 0.0 if name == "fp32" else 0.01 * (i + 1), "top1_agreement": 1.0 - 0.01 * i,
-            "tasks": {"verb_tense": {"acc": 0.9 - 0.05 * i, "acc_stderr": 0.02, "n": 300}} if tasks else {},
-            "nan_count": 0, "bytes_total": sizes["bytes_total"], "bytes_linear": sizes["bytes_linear"],
-            "bits_per_weight": 8 * sizes["bytes_linear"] / sizes["params_linear"],
-            "layers": {n: {"rel_loss": 2.0 ** -preset.bits * (j + 1), "rtn_rel_loss": 2.0 ** -preset.bits * (j + 2),
-                           "damp": 0.01} for j, n in enumerate(linear_names)} if quantized and layers else {},
-        }
-    workload = decode_workload(module)
-    out = {"spec": "test/report", "spec_sha256": "ab" * 32, "seed": 0, "baseline": "fp32",
-           "fingerprint": {"dataset": "shakespeare", "seq_len": 16}, "results": results, "schemes": schemes,
-           "model": {"params_linear": sizes["params_linear"],
-                     "params_total": sum(p.numel() for p in module.parameters()), **workload},
-           "sweeps": [], "health": []}
+        qtensors = ({n: quantize_rtn(model.module.get_submodule(n).weight.detach(), preset) for n in linear_names}
+                    if quantized else {})
+        sizes = deployable_bytes(model, qtensors, preset, keep=["embeddings", "lm_head", "norms"])
+        schemes[name] = {**scheme_meta(gptq_of.get(name, name)), **({"method": "gptq"} if name in gptq_of else {})}
+        results[name] = SchemeResult(
+            ppl=ppl, ppl_stderr=0.01 * ppl, ppl_gap=ppl / baseline_ppl - 1,
+            kld_mean=0.0 if name == "fp32" else 0.01 * (i + 1), top1_agreement=1.0 - 0.01 * i,
+            tasks={"verb_tense": TaskResult(acc=0.9 - 0.05 * i, acc_stderr=0.02, n=300)} if tasks else {},
+            nan_count=0, **sizes,
+            layers={n: LayerStats(rel_loss=2.0 ** -preset.bits * (j + 1), rtn_rel_loss=2.0 ** -preset.bits * (j + 2),
+                                  damp=0.01) for j, n in enumerate(linear_names)} if quantized and layers else {},
+        )
+    sweeps = ()
     if sweep and layers:
         gptq = [name for name in ppl_by_scheme if name in gptq_of]
-        out["sweeps"] = [{"key": "calibration.samples", "values": [4, 8, 16],
-                          "results": [{s: {"layers": {n: {"rel_loss": 0.1 / samples * (j + 1)}
-                                                      for j, n in enumerate(linear_names)}} for s in gptq}
-                                      for samples in (4, 8, 16)]}]
-    return out
+        sweeps = (Sweep(key="calibration.samples", values=(4, 8, 16),
+                        results=tuple({s: SchemeResult(layers={n: LayerStats(rel_loss=0.1 / samples * (j + 1))
+                                                               for j, n in enumerate(linear_names)}) for s in gptq}
+                                      for samples in (4, 8, 16))),)
+    first = results["fp32"]
+    return RunResult(spec="test/report", spec_sha256="ab" * 32, source="specs/test/report.yaml", seed=0,
+                     baseline="fp32", fingerprint={"dataset": "shakespeare", "seq_len": 16}, schemes=schemes,
+                     results=results, sweeps=sweeps, report={"ppl_gap_thresholds": list(thresholds)},
+                     model={"params_linear": first.params_linear, "params_total": first.params_total,
+                            **decode_workload(model.module)})
 
 
 SEVEN = {"fp32": 10.0, "fp16": 10.01, "int8-per-tensor": 10.3, "int8-per-channel": 10.1,
@@ -78,8 +78,8 @@ SEVEN = {"fp32": 10.0, "fp16": 10.01, "int8-per-tensor": 10.3, "int8-per-channel
 
 
 @pytest.fixture(scope="module")
-def seven():
-    return make_results(SEVEN, gptq_of={"int4-g64-gptq": "int4-g64"})
+def seven(minigpt):
+    return make_results(minigpt, SEVEN, gptq_of={"int4-g64-gptq": "int4-g64"})
 
 
 @pytest.fixture(scope="module")
@@ -133,25 +133,6 @@ def test_decode_intensity_grows_as_bytes_per_weight_shrink(seven):
     assert intensity["int4-g64"] > intensity["int8-per-channel"] > intensity["fp16"] > intensity["fp32"]
 
 
-def test_decode_workload_counts_every_matmul_and_its_input_and_output_vectors():
-    module = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4, bias=False))
-    assert decode_workload(module) == {"params_matmul": 8 * 16 + 16 * 4, "activation_elements": (8 + 16) + (16 + 4),
-                                       "n_matmuls": 2}
-
-
-def test_decode_intensity_explains_what_is_missing():
-    with pytest.raises(ValueError, match="params_linear"):
-        decode_intensity({"bytes_total": 100}, {})
-
-
-def test_measure_machine_reports_positive_ceilings_and_is_measured_once():
-    first = measure_machine(seconds_budget=0.1)
-    assert first["peak_gflops"] > 0 and first["bandwidth_gbs"] > 0
-    first["peak_gflops"] = -1.0  # the caller's copy: the cache must not see this
-    assert measure_machine(seconds_budget=0.1)["peak_gflops"] > 0
-    assert measure_machine(seconds_budget=0.1)["bandwidth_gbs"] == first["bandwidth_gbs"]
-
-
 # ---------------------------------------------------------------------------------------------
 # Interpretation
 
@@ -171,16 +152,22 @@ def test_interpretation_says_when_no_scheme_fits_the_budget(seven):
 
 
 @pytest.mark.parametrize("gap, verdict", [
-    (0.20, "misses the 15% DoD"),
-    (0.10, "meets the 15% DoD but misses the 5% hope"),
-    (0.03, "meets both the 15% DoD and the 5% hope"),
+    (0.20, "it misses the spec's 5.0% and 15.0% bound"),
+    (0.10, "it meets the spec's 15.0% bound; it misses the spec's 5.0% bound"),
+    (0.03, "it meets the spec's 5.0% and 15.0% bound"),
 ])
-def test_interpretation_judges_the_best_gptq_gap_against_dod_and_hope(gap, verdict):
+def test_interpretation_judges_the_best_gptq_gap_against_the_specs_own_thresholds(minigpt, gap, verdict):
     ppl = {**SEVEN, "int4-g64-gptq": SEVEN["fp32"] * (1 + gap)}
-    results = make_results(ppl, gptq_of={"int4-g64-gptq": "int4-g64"}, layers=False)
+    results = make_results(minigpt, ppl, gptq_of={"int4-g64-gptq": "int4-g64"}, layers=False, thresholds=DOD_AND_HOPE)
     gptq_sentence = next(s for s in report.interpretation(results) if s.startswith("The best GPTQ scheme"))
     assert "int4-g64-gptq" in gptq_sentence and f"{gap:+.1%}" in gptq_sentence
     assert verdict in gptq_sentence
+
+
+def test_interpretation_gives_no_verdict_on_the_gap_when_the_spec_asserts_no_bound(minigpt):
+    results = make_results(minigpt, SEVEN, gptq_of={"int4-g64-gptq": "int4-g64"}, layers=False)
+    gptq_sentence = next(s for s in report.interpretation(results) if s.startswith("The best GPTQ scheme"))
+    assert "asserts no bound on ppl_gap" in gptq_sentence and "15%" not in gptq_sentence
 
 
 def test_interpretation_compares_gptq_with_rtn_on_the_same_grid(seven):
@@ -217,21 +204,6 @@ def test_interpretation_reports_health_events_and_nans(seven):
 # Files
 
 
-def test_write_json_writes_nan_and_infinity_as_null_with_sorted_keys(tmp_path):
-    path = report.write_json(tmp_path / "r.json", {"b": float("nan"), "a": [1.5, float("inf")], "c": (1, 2)})
-    text = path.read_text()
-    assert json.loads(text) == {"a": [1.5, None], "b": None, "c": [1, 2]}
-    assert text.index('"a"') < text.index('"b"') and "NaN" not in text
-    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]  # no temporary file left behind
-
-
-def test_write_json_refuses_objects_it_cannot_represent_and_keeps_the_old_file(tmp_path):
-    path = report.write_json(tmp_path / "r.json", {"ok": 1})
-    with pytest.raises(TypeError, match="convert it"):
-        report.write_json(path, {"bad": object()})
-    assert json.loads(path.read_text()) == {"ok": 1}
-
-
 def test_manifest_records_versions_machine_and_spec(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # not a git checkout
     m = report.manifest("minigpt/pareto", "cd" * 32, 3)
@@ -264,12 +236,12 @@ def test_every_plot_is_written_as_a_valid_png_of_real_content(written, name):
 
 
 def test_plots_are_byte_identical_for_the_same_results(seven, tmp_path):
-    first = report.plot_pareto(seven, tmp_path / "a.png").read_bytes()
-    assert report.plot_pareto(seven, tmp_path / "b.png").read_bytes() == first
+    first = plots.plot_pareto(seven, tmp_path / "a.png").read_bytes()
+    assert plots.plot_pareto(seven, tmp_path / "b.png").read_bytes() == first
 
 
-def test_make_plots_skips_plots_whose_data_is_absent(tmp_path):
-    results = make_results(SEVEN, gptq_of={"int4-g64-gptq": "int4-g64"}, tasks=False, layers=False)
+def test_make_plots_skips_plots_whose_data_is_absent(minigpt, tmp_path):
+    results = dict(make_results(minigpt, SEVEN, gptq_of={"int4-g64-gptq": "int4-g64"}, tasks=False, layers=False))
     del results["model"]
     assert list(report.make_plots(results, tmp_path)) == ["pareto"]
     assert [p.name for p in tmp_path.iterdir()] == ["pareto.png"]
@@ -289,13 +261,13 @@ def test_per_layer_plot_of_a_deep_model_stays_a_compact_block_by_kind_chart(tmp_
     layers = {f"model.layers.{block}.{kind}": {"rel_loss": 0.01 * (block + 1)}
               for block in range(20) for kind in ("q_proj", "k_proj", "v_proj")}
     results = {"baseline": "fp32", "results": {"int4": {"layers": layers}, "int8": {"layers": layers}}}
-    width, height = png_size(report.plot_per_layer(results, tmp_path / "deep.png").read_bytes())
+    width, height = png_size(plots.plot_per_layer(results, tmp_path / "deep.png").read_bytes())
     # One row per layer would make a 60-row, ~1500 px tall image.
-    assert len(layers) > report.MAX_LAYER_ROWS and height < width
+    assert len(layers) > plots.MAX_LAYER_ROWS and height < width
 
 
 def test_per_layer_plot_also_draws_the_rtn_loss(seven, tmp_path):
-    path = report.plot_per_layer(seven, tmp_path / "rtn.png", metric="rtn_rel_loss")
+    path = plots.plot_per_layer(seven, tmp_path / "rtn.png", metric="rtn_rel_loss")
     assert path.read_bytes().startswith(PNG_SIGNATURE)
 
 
@@ -308,7 +280,7 @@ def test_text_table_has_one_aligned_row_per_scheme_and_dashes_for_nulls(seven):
     lines = report.metrics_table_text(results).splitlines()
     assert len(lines) == 2 + len(SEVEN)
     fp16 = next(line for line in lines if line.startswith("fp16 "))
-    assert report.MISSING in fp16
+    assert page.MISSING in fp16
     assert re.search(r"int4-g64-gptq\s+gptq\s+11 ± 0\.11\s+\+10\.0%", report.metrics_table_text(seven))
 
 

@@ -1,0 +1,81 @@
+"""The byte accountant: what a quantized model occupies when deployed, and which float modules are
+stored (and therefore evaluated) in float16.
+
+One function, ``deployable_bytes``, answers "how big is this model" for every scheme, and
+``round_kept_modules`` makes the evaluated model the deployed one, from the same rule
+(``float_element_bytes``): quantized Linears at their packed size (codes + scales + zeros + g_idx,
+``QTensor.nbytes``); under a float scheme every parameter at that dtype; under an integer scheme the
+module kinds in the spec's ``keep`` (embeddings, lm_head, norms) and Linear biases in float16, and the
+kinds left out of ``keep`` in float32. Tied parameters are counted once.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from quantlab.quant import FloatScheme
+
+# The float module kinds a spec's `keep` names (stored in float16 under an integer scheme).
+KEEP_KINDS = ("embeddings", "lm_head", "norms")
+
+
+def module_kind(module: nn.Module, name: str, block_prefixes) -> Optional[str]:
+    """'embeddings', 'norms' or 'lm_head' for the float modules a spec's `keep` talks about."""
+    if isinstance(module, nn.Embedding):
+        return "embeddings"
+    if "norm" in type(module).__name__.lower():
+        return "norms"
+    if isinstance(module, nn.Linear) and not any(name.startswith(p + ".") for p in block_prefixes):
+        return "lm_head"
+    return None
+
+
+def float_element_bytes(model, keep, scheme) -> dict:
+    """id(parameter) -> bytes per element for every parameter that is not a quantized Linear weight:
+    4 under a float32 scheme, 2 under float16/bfloat16; otherwise 2 for the `keep` kinds and Linear
+    biases, 4 for kinds left out of `keep` (a spec that drops lm_head from keep keeps it in float32)."""
+    if isinstance(scheme, FloatScheme):
+        size = 4 if scheme.dtype == "float32" else 2
+        return {id(p): size for p in model.module.parameters()}
+    prefixes = [model.block_prefix(i) for i in range(len(model.blocks))]
+    sizes = {}
+    for name, module in model.module.named_modules():
+        kind = module_kind(module, name, prefixes)
+        for p in module.parameters(recurse=False):
+            sizes.setdefault(id(p), 2 if kind is None or kind in keep else 4)
+    return sizes
+
+
+def round_kept_modules(model, quantized_linears, keep) -> None:
+    """Round the float parameters stored in float16 (see float_element_bytes) through float16, so the
+    evaluated model is the deployed one. Called on a quantized copy only, never on the caller's model."""
+    sizes = float_element_bytes(model, keep, None)
+    quantized = {id(model.module.get_submodule(n).weight) for n in quantized_linears}
+    with torch.no_grad():
+        for p in model.module.parameters():
+            if id(p) not in quantized and sizes.get(id(p)) == 2:
+                p.copy_(p.to(torch.float16).to(p.dtype))
+
+
+def deployable_bytes(model, qtensors: dict, scheme, keep) -> dict:
+    """bytes_total, bytes_linear, bits_per_weight, params_linear, params_total of ``model`` (a
+    LanguageModel) whose block Linears named in ``qtensors`` are stored as those QTensors."""
+    module = model.module
+    sizes = float_element_bytes(model, keep, scheme)
+    seen, bytes_linear, params_linear, bytes_other, params_other = set(), 0, 0, 0, 0
+    for name in model.all_linear_names():
+        weight = module.get_submodule(name).weight
+        seen.add(id(weight))
+        params_linear += weight.numel()
+        qtensor = qtensors.get(name)
+        bytes_linear += qtensor.nbytes if qtensor is not None else weight.numel() * sizes[id(weight)]
+    for p in module.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            bytes_other += p.numel() * sizes.get(id(p), 2)
+            params_other += p.numel()
+    return {"bytes_linear": bytes_linear, "bytes_total": bytes_linear + bytes_other,
+            "bits_per_weight": 8 * bytes_linear / params_linear if params_linear else None,
+            "params_linear": params_linear, "params_total": params_linear + params_other}

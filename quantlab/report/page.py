@@ -1,0 +1,313 @@
+"""The report page: the metrics table, the interpretation written from the numbers, and the files of
+a run (results.json, manifest.json, the plots, a standalone report.html).
+
+Everything here reads a results dict shaped as in docs/results.md ("results.json") and nothing else,
+so a report can be rebuilt from a results.json on disk. Besides the per-scheme metrics it uses, when
+present:
+- ``results["schemes"][name]``: {"method": "gptq"|"rtn"|"float", "bits", "granularity",
+  "group_size", "symmetric", "grid"} to tell GPTQ schemes apart and pair each with the RTN scheme on
+  the same grid;
+- ``results["model"]``: {"params_linear", "params_total", and from ``roofline.decode_workload``
+  "params_matmul", "activation_elements", "n_matmuls"} for the roofline;
+- ``results["machine"]["peak_gflops"]`` and ``["bandwidth_gbs"]`` (``measure_machine()``), else the
+  ceilings are measured when the roofline is drawn;
+- ``results["report"]["ppl_gap_thresholds"]``: the spec's own ppl_gap assertions, which the
+  interpretation judges the best GPTQ scheme against (no assertion, no verdict).
+A missing piece makes the matching plot or sentence disappear; it never raises.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+
+from quantlab.analysis import (dominator, gap_of, is_number, pareto_frontier, same_grid_rtn, scheme_meta, scheme_method,
+                               scheme_order, scheme_results, usable)
+from quantlab.files import write_json, write_text
+from quantlab.report.plots import PLOT_CAPTIONS, PLOTS, decode_points, machine_ceilings, make_plots
+from quantlab.report.provenance import manifest
+from quantlab.results import jsonable
+from quantlab.roofline import decode_seconds, measure_machine, ridge_intensity
+
+MISSING = "—"
+
+
+def _fmt_si(x, unit) -> str:
+    """3 significant digits with a decimal prefix: 1234567 B -> '1.23 MB'."""
+    if not is_number(x):
+        return MISSING
+    for prefix, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(x) >= size:
+            return f"{x / size:.3g} {prefix}{unit}"
+    return f"{x:.3g} {unit}"
+
+
+def _fmt_bytes(n) -> str:
+    return _fmt_si(n, "B")
+
+
+def _fmt_pct(x, signed=False) -> str:
+    if not is_number(x):
+        return MISSING
+    return f"{x:+.1%}" if signed else f"{x:.1%}"
+
+
+def _fmt_num(x, digits=4) -> str:
+    return f"{x:.{digits}g}" if is_number(x) else MISSING
+
+
+def _fmt_with_error(x, err, formatter, error_formatter=None) -> str:
+    if not is_number(x):
+        return MISSING
+    if not is_number(err):
+        return formatter(x)
+    return f"{formatter(x)} ± {(error_formatter or formatter)(err)}"
+
+
+def _task_names(results) -> list:
+    return sorted({t for r in scheme_results(results).values() for t in (r.get("tasks") or {})})
+
+
+def metrics_rows(results) -> tuple:
+    """(header, rows) of the metrics table, every cell a string: one row per scheme."""
+    tasks = _task_names(results)
+    frontier = set(pareto_frontier(results))
+    header = ["scheme", "method", "ppl", "ppl gap", "KLD", "top-1", *[f"{t} acc" for t in tasks],
+              "NaNs", "bytes", "bits/weight", "frontier"]
+    rows = []
+    for s in scheme_order(results):
+        r = scheme_results(results)[s]
+        task_cells = []
+        for t in tasks:
+            entry = (r.get("tasks") or {}).get(t) or {}
+            task_cells.append(_fmt_with_error(entry.get("acc"), entry.get("acc_stderr"), _fmt_pct))
+        rows.append([
+            s, scheme_method(results, s) or MISSING,
+            _fmt_with_error(r.get("ppl"), r.get("ppl_stderr"), _fmt_num, lambda e: _fmt_num(e, 2)),
+            "baseline" if s == results.get("baseline") else _fmt_pct(gap_of(results, s), signed=True),
+            _fmt_num(r.get("kld_mean"), 3), _fmt_pct(r.get("top1_agreement")), *task_cells,
+            str(r["nan_count"]) if is_number(r.get("nan_count")) else MISSING,
+            _fmt_bytes(r.get("bytes_total")), _fmt_num(r.get("bits_per_weight"), 3),
+            "yes" if s in frontier else "",
+        ])
+    return header, rows
+
+
+def metrics_table_text(results) -> str:
+    """The metrics table as aligned plain text, for terminals and notes."""
+    header, rows = metrics_rows(results)
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+
+    def line(cells):
+        return "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
+    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)]) + "\n"
+
+
+def metrics_table_html(results) -> str:
+    """The metrics table as an HTML <table>, every cell escaped; the baseline row is bold."""
+    header, rows = metrics_rows(results)
+    baseline = results.get("baseline")
+    cell_style = 'style="padding:2px 8px;border-bottom:1px solid #ddd;text-align:right"'
+    parts = ['<table class="quantlab-metrics" style="border-collapse:collapse;font-size:90%">',
+             "<thead><tr>" + "".join(f"<th {cell_style}>{html.escape(h)}</th>" for h in header) + "</tr></thead>",
+             "<tbody>"]
+    for row in rows:
+        row_style = ' style="font-weight:bold"' if row[0] == baseline else ""
+        parts.append(f"<tr{row_style}>"
+                     + "".join(f"<td {cell_style}>{html.escape(cell)}</td>" for cell in row) + "</tr>")
+    parts.append("</tbody></table>")
+    return "\n".join(parts)
+
+
+# ----------------------------------------------------------------------------------------------
+# Interpretation: sentences written from the numbers
+
+
+def interpretation(results, memory_budget_bytes=None, machine=None) -> list:
+    """What the numbers say, as sentences: the frontier, the best GPTQ scheme's gap against the spec's
+    own ppl_gap thresholds, the theoretical INT4 decode speed-up, the scheme to ship under a memory
+    budget, and the health events."""
+    sentences = [_frontier_sentence(results)]
+    sentences += _gptq_sentences(results, gap_thresholds(results))
+    sentences += _speedup_sentences(results, machine_ceilings(results, machine))
+    if memory_budget_bytes is not None:
+        sentences.append(_budget_sentence(results, memory_budget_bytes))
+    sentences += _health_sentences(results)
+    return sentences
+
+
+def gap_thresholds(results) -> list:
+    """The distinct upper bounds the spec's assertions put on ppl_gap (``ppl_gap < 0.15``), ascending."""
+    entries = (results.get("report") or {}).get("ppl_gap_thresholds") or []
+    return sorted({e["threshold"] for e in entries if e.get("op") in ("<", "<=") and is_number(e.get("threshold"))})
+
+
+def _frontier_sentence(results) -> str:
+    frontier = pareto_frontier(results)
+    if not frontier:
+        return "No scheme has a finite perplexity and size, so there is no size/perplexity frontier."
+    rs = scheme_results(results)
+    listed = ", ".join(f"{s} ({_fmt_bytes(rs[s]['bytes_total'])}, ppl {_fmt_num(rs[s]['ppl'])})" for s in frontier)
+    sentence = f"On the size/perplexity frontier (no other scheme is both smaller and better): {listed}."
+    dominated = [s for s in scheme_order(results) if usable(results, s) and s not in frontier]
+    if dominated:
+        by = {s: dominator(results, s, frontier) for s in dominated}
+        sentence += " Dominated: " + ", ".join(f"{s} (by {by[s]})" for s in dominated) + "."
+    unusable = [s for s in scheme_order(results) if not usable(results, s)]
+    if unusable:
+        sentence += " Left out for a NaN or a missing perplexity or size: " + ", ".join(unusable) + "."
+    return sentence
+
+
+def _gptq_sentences(results, thresholds) -> list:
+    baseline = results.get("baseline")
+    gaps = {s: gap_of(results, s) for s in scheme_order(results)
+            if scheme_method(results, s) == "gptq" and usable(results, s)}
+    gaps = {s: g for s, g in gaps.items() if g is not None}
+    if not gaps:
+        return ["No GPTQ scheme with a perplexity in this run, so no GPTQ gap is assessed."]
+    best = min(gaps, key=lambda s: (gaps[s], s))
+    gap = gaps[best]
+    if thresholds:
+        met = [t for t in thresholds if gap < t]
+        missed = [t for t in thresholds if gap >= t]
+        verdict = "; ".join(part for part in (
+            f"it meets the spec's {' and '.join(_fmt_pct(t) for t in met)} bound" if met else "",
+            f"it misses the spec's {' and '.join(_fmt_pct(t) for t in missed)} bound" if missed else "") if part)
+    else:
+        verdict = "the spec asserts no bound on ppl_gap, so there is no verdict"
+    sentences = [f"The best GPTQ scheme, {best}, has a perplexity gap of {_fmt_pct(gap, signed=True)} "
+                 f"against {baseline}: {verdict}."]
+    rtn = same_grid_rtn(results, best)
+    rtn_gap = gap_of(results, rtn) if rtn and usable(results, rtn) else None
+    if rtn_gap is not None:
+        if rtn_gap > 0 and gap < rtn_gap:
+            sentences.append(f"Round-to-nearest on the same grid ({rtn}) has a gap of "
+                             f"{_fmt_pct(rtn_gap, signed=True)}: GPTQ removes {1 - gap / rtn_gap:.0%} of it.")
+        elif gap >= rtn_gap:
+            sentences.append(f"GPTQ does not beat round-to-nearest on the same grid ({rtn}, gap "
+                             f"{_fmt_pct(rtn_gap, signed=True)}): check the health events and the calibration data.")
+    return sentences
+
+
+def _speedup_sentences(results, machine) -> list:
+    points = decode_points(results)
+    baseline = results.get("baseline")
+    int4 = [s for s in points if scheme_meta(results, s).get("bits") == 4 and scheme_method(results, s) in ("gptq", "rtn")
+            and usable(results, s)]
+    if baseline not in points or not int4:
+        return []
+    rs = scheme_results(results)
+    chosen = min(int4, key=lambda s: (rs[s]["ppl"], s))
+    base, quant = points[baseline], points[chosen]
+    intensity_ratio = quant["intensity"] / base["intensity"]
+    sentence = (f"One decode step at batch 1 does {_fmt_si(base['flops'], 'FLOP')}; its arithmetic intensity is "
+                f"{base['intensity']:.2f} FLOP/byte for {baseline} and {quant['intensity']:.2f} for {chosen} "
+                f"({intensity_ratio:.1f}x, the ratio of bytes read per token)")
+    if machine is None:
+        return [sentence + f". Decode this far below any machine's ridge point is memory-bound, so the theoretical "
+                           f"INT4 decode speed-up is {intensity_ratio:.1f}x."]
+    ridge = ridge_intensity(machine)
+    speedup = decode_seconds(base, machine) / decode_seconds(quant, machine)
+    bound = "memory-bound" if quant["intensity"] < ridge else "compute-bound"
+    return [sentence + f". This machine's ridge point is {ridge:.1f} FLOP/byte, so INT4 decode is {bound} here and "
+                       f"its theoretical speed-up over {baseline} is {speedup:.1f}x "
+                       f"({1 / decode_seconds(base, machine):,.0f} -> {1 / decode_seconds(quant, machine):,.0f} "
+                       "tokens/s at the roofline)."]
+
+
+def _budget_sentence(results, budget) -> str:
+    rs = scheme_results(results)
+    candidates = [s for s in scheme_order(results) if usable(results, s)]
+    fitting = [s for s in candidates if rs[s]["bytes_total"] <= budget]
+    if not fitting:
+        if not candidates:
+            return f"No scheme has a finite perplexity and size to ship under the {_fmt_bytes(budget)} budget."
+        smallest = min(candidates, key=lambda s: (rs[s]["bytes_total"], s))
+        return (f"No scheme fits the memory budget of {_fmt_bytes(budget)}: the smallest, {smallest}, "
+                f"needs {_fmt_bytes(rs[smallest]['bytes_total'])}.")
+    ship = min(fitting, key=lambda s: (rs[s]["ppl"], rs[s]["bytes_total"], s))
+    return (f"Under a memory budget of {_fmt_bytes(budget)} (weights only), ship {ship}: the lowest perplexity "
+            f"({_fmt_num(rs[ship]['ppl'])}, gap {_fmt_pct(gap_of(results, ship), signed=True)}) of the "
+            f"{len(fitting)} scheme(s) that fit, at {_fmt_bytes(rs[ship]['bytes_total'])}.")
+
+
+def _health_sentences(results) -> list:
+    sentences = []
+    nan_schemes = [s for s in scheme_order(results) if is_number(scheme_results(results)[s].get("nan_count"))
+                   and scheme_results(results)[s]["nan_count"] > 0]
+    if nan_schemes:
+        sentences.append("NaN outputs in: " + ", ".join(
+            f"{s} ({scheme_results(results)[s]['nan_count']})" for s in nan_schemes) + ".")
+    events = results.get("health") or []
+    if events:
+        counts = {}
+        for event in events:
+            counts[event.get("event")] = counts.get(event.get("event"), 0) + 1
+        listed = ", ".join(f"{name}: {n}" for name, n in sorted(counts.items(), key=lambda kv: str(kv[0])))
+        sentences.append(f"{len(events)} health event(s) during quantization ({listed}).")
+    return sentences
+
+
+# ----------------------------------------------------------------------------------------------
+# HTML and the files of a run
+
+
+def _data_uri(path) -> str:
+    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")
+
+
+def html_section(results, images: dict, memory_budget_bytes=None, machine=None) -> str:
+    """A self-contained HTML fragment for one spec: metrics table, interpretation, the plots in
+    ``images`` ({name: PNG path}) embedded as data URIs, and the evaluation protocol."""
+    e = html.escape
+    spec = results.get("spec") or "results"
+    meta = f"seed {results.get('seed')}, baseline {results.get('baseline')}"
+    if results.get("spec_sha256"):
+        meta += f", spec sha256 {str(results['spec_sha256'])[:12]}"
+    parts = ['<section class="quantlab-report" style="font-family:sans-serif">',
+             f"<h2>{e(str(spec))}</h2>", f"<p>{e(meta)}</p>", metrics_table_html(results),
+             "<h3>Interpretation</h3>", "<ul>"]
+    parts += [f"<li>{e(s)}</li>" for s in interpretation(results, memory_budget_bytes, machine=machine)]
+    parts.append("</ul>")
+    for name, path in images.items():
+        caption = PLOT_CAPTIONS.get(name, name)
+        parts.append(f'<figure><img src="{_data_uri(path)}" alt="{e(str(name))}" style="max-width:100%">'
+                     f"<figcaption>{e(caption)}</figcaption></figure>")
+    fingerprint = results.get("fingerprint") or {}
+    if fingerprint:
+        rows = "".join(f"<tr><td>{e(str(k))}</td><td>{e(json.dumps(jsonable(v), sort_keys=True))}</td></tr>"
+                       for k, v in sorted(fingerprint.items()))
+        parts.append(f"<details><summary>Evaluation protocol (fingerprint)</summary><table>{rows}</table></details>")
+    parts.append("</section>")
+    return "\n".join(parts)
+
+
+def write_report_files(results, out_dir, which=None, machine=None, memory_budget_bytes=None) -> dict:
+    """Write out_dir/results.json, manifest.json, the plots and report.html (a standalone page).
+
+    The manifest is ``results["manifest"]`` when the run recorded one, else built now from the
+    spec name, hash and seed, keeping the run's recorded versions and machine if present.
+    Returns {"results", "manifest", "html", and each plot's name: Path}.
+    """
+    out_dir = Path(out_dir)
+    names = PLOTS if which is None else tuple(which)
+    machine = machine_ceilings(results, machine)
+    if machine is None and "roofline" in names and decode_points(results):
+        machine = measure_machine()  # measured once, so the plot and the sentences agree
+    paths = {"results": write_json(out_dir / "results.json", results)}
+    run_manifest = results.get("manifest")
+    if not run_manifest:
+        run_manifest = manifest(results.get("spec"), results.get("spec_sha256"), results.get("seed"))
+        for recorded in ("versions", "machine"):
+            if results.get(recorded):
+                run_manifest[recorded] = {**run_manifest[recorded], **results[recorded]}
+    paths["manifest"] = write_json(out_dir / "manifest.json", run_manifest)
+    plots = make_plots(results, out_dir, which=which, machine=machine)
+    page = ("<!doctype html>\n<html><head><meta charset=\"utf-8\">"
+            f"<title>quantlab: {html.escape(str(results.get('spec') or 'results'))}</title></head><body>\n"
+            + html_section(results, plots, memory_budget_bytes=memory_budget_bytes, machine=machine)
+            + "\n</body></html>\n")
+    paths["html"] = write_text(out_dir / "report.html", page)
+    return {**paths, **plots}

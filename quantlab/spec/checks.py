@@ -1,0 +1,349 @@
+"""The assertion language: one class per check, each parsing its YAML form and evaluating it.
+
+An assertion in a spec's ``expect:`` list is data, never code. Without ``check:`` it is a metric
+comparison (``Compare``); otherwise ``check:`` names one of ``CHECKS``. Each check's ``parse`` turns one
+YAML item into ``Expectation`` objects (one per scheme, ``*`` expanded) or raises a located SpecError;
+its ``evaluate`` turns an expectation and a run's results (the results.json shape) into an ``Outcome``
+whose message is one line: what was measured, against what, by how much. Adding a check is adding a
+class to ``CHECKS``.
+"""
+from __future__ import annotations
+
+import difflib
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from quantlab.analysis import pareto_frontier
+from quantlab.metrics import METRICS, is_metric, resolve, unknown_metric_hint
+from quantlab.spec.located import Ctx, LocatedList, SpecError, check_keys, get_value
+
+OPERATORS = {"<": lambda a, b: a < b, "<=": lambda a, b: a <= b, ">": lambda a, b: a > b,
+             ">=": lambda a, b: a >= b, "==": lambda a, b: a == b, "!=": lambda a, b: a != b}
+
+
+@dataclass
+class Expectation:
+    """One assertion. ``kind`` is a key of CHECKS; ``scheme`` is one scheme (``*`` expanded)."""
+
+    kind: str
+    line: Optional[int]
+    scheme: Optional[str] = None
+    metric: Optional[str] = None
+    op: Optional[str] = None
+    threshold: Any = None          # a number, or {"metric", "scheme", "times", "plus"} for another scheme
+    options: dict = field(default_factory=dict)
+    xfail: Optional[str] = None
+
+    @property
+    def id(self) -> str:
+        if self.kind == "compare":
+            rhs = self.threshold
+            rhs = f"{rhs['metric']}[{rhs['scheme']}]" if isinstance(rhs, dict) else f"{rhs:g}" if isinstance(rhs, (int, float)) else str(rhs)
+            return f"{self.metric}[{self.scheme}] {self.op} {rhs}"
+        target = self.scheme or ",".join(self.options.get("schemes", [])) or "all"
+        return f"{self.kind}[{target}]"
+
+
+@dataclass
+class Outcome:
+    passed: bool
+    message: str          # one line: what was measured, against what, and by how much
+    measured: Any = None
+
+
+@dataclass
+class SpecView:
+    """What a check may know of the spec while parsing: its schemes and its sweep."""
+
+    schemes: dict                  # name -> SchemeConfig
+    sweep: Optional[tuple]         # (dotted key, values) or None
+
+
+def fmt(v) -> str:
+    return f"{v:.6g}" if isinstance(v, float) else str(v)
+
+
+def scheme_names(item, key, ctx: Ctx, schemes: dict, allow_star=True) -> list:
+    """The scheme names an assertion's ``key`` lists (``*``: all), each checked to be defined."""
+    value = item.get(key)
+    if value == "*" and allow_star:
+        return list(schemes)
+    names = value if isinstance(value, list) else [value]
+    for n in names:
+        if n not in schemes:
+            close = difflib.get_close_matches(str(n), list(schemes), n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"defined schemes: {', '.join(schemes)}"
+            raise ctx.error(f"{key} {n!r} is not defined under schemes; {hint}", key)
+    return names
+
+
+def metric_value(results, scheme: str, metric: str):
+    """A scheme's metric from results["results"], following dotted paths (tasks.verb_tense.acc)."""
+    return resolve(results["results"][scheme], metric)
+
+
+class Check:
+    """The interface: ``keys`` an item may have, ``parse`` and ``evaluate``."""
+
+    name = ""
+    keys: frozenset = frozenset()
+
+    def parse(self, item, ctx: Ctx, spec: SpecView, xfail) -> list:
+        raise NotImplementedError
+
+    def evaluate(self, exp: Expectation, results) -> Outcome:
+        raise NotImplementedError
+
+
+class Compare(Check):
+    """``{metric: ppl_gap, scheme: q, "<": 0.15}``, or against another scheme's metric."""
+
+    name = "compare"
+    keys = frozenset({"metric", "scheme", "xfail", *OPERATORS})
+
+    def parse(self, item, ctx, spec, xfail):
+        check_keys(item, self.keys, ctx, "a metric assertion")
+        if "metric" not in item or "scheme" not in item:
+            raise ctx.error("a metric assertion needs metric and scheme, e.g. {metric: ppl_gap, scheme: int4-g64, '<': 0.15}")
+        if not is_metric(item["metric"]):
+            raise ctx.error(f"unknown metric {item['metric']!r}; {unknown_metric_hint(item['metric'])}", "metric")
+        ops = [k for k in item if k in OPERATORS]
+        if len(ops) != 1:
+            raise ctx.error("a metric assertion needs exactly one comparison: one of " + ", ".join(repr(o) for o in OPERATORS)
+                            + " (quote it in YAML: '<': 0.15)")
+        op, rhs = ops[0], item[ops[0]]
+        if isinstance(rhs, dict):
+            rctx = Ctx(ctx.source, rhs)
+            check_keys(rhs, {"metric", "scheme", "times", "plus"}, rctx, "a comparison against another scheme")
+            if not is_metric(rhs.get("metric")):
+                raise rctx.error(f"unknown metric {rhs.get('metric')!r} on the right-hand side", "metric")
+            scheme_names(rhs, "scheme", rctx, spec.schemes, allow_star=False)
+            rhs = {"metric": rhs["metric"], "scheme": rhs["scheme"], "times": float(rhs.get("times", 1.0)),
+                   "plus": float(rhs.get("plus", 0.0))}
+        elif isinstance(rhs, bool) or not isinstance(rhs, (int, float)):
+            raise ctx.error(f"the threshold after {op!r} must be a number or {{metric, scheme}}, got {rhs!r}", op)
+        return [Expectation(self.name, ctx.line(), s, item["metric"], op, rhs, xfail=xfail)
+                for s in scheme_names(item, "scheme", ctx, spec.schemes)]
+
+    def evaluate(self, exp, results):
+        measured = metric_value(results, exp.scheme, exp.metric)
+        if isinstance(exp.threshold, dict):
+            rhs = exp.threshold
+            other = metric_value(results, rhs["scheme"], rhs["metric"])
+            if other is None:
+                return Outcome(False, f"{rhs['metric']} of {rhs['scheme']} was not computed, so it cannot be compared")
+            threshold = other * rhs["times"] + rhs["plus"]
+            against = f"{rhs['metric']} of {rhs['scheme']} ({fmt(threshold)})"
+        else:
+            threshold, against = exp.threshold, fmt(exp.threshold)
+        if measured is None:
+            return Outcome(False, f"{exp.metric} of {exp.scheme} was not computed (null); enable it in evaluation")
+        if isinstance(measured, float) and math.isnan(measured):
+            return Outcome(False, f"{exp.metric} of {exp.scheme} is NaN", measured)
+        ok = OPERATORS[exp.op](measured, threshold)
+        margin = threshold - measured if exp.op in ("<", "<=") else measured - threshold
+        return Outcome(ok, f"{exp.metric} of {exp.scheme} = {fmt(measured)} {'' if ok else 'is not '}{exp.op} {against}"
+                           f" (margin {fmt(margin)})", measured)
+
+
+class Grid(Check):
+    """``{check: grid, scheme: q, range: [-7, 7]}``: the codes' min and max are exactly the range."""
+
+    name = "grid"
+    keys = frozenset({"check", "scheme", "range", "xfail"})
+
+    def parse(self, item, ctx, spec, xfail):
+        check_keys(item, self.keys, ctx, "check: grid")
+        rng = item.get("range")
+        if not (isinstance(rng, list) and len(rng) == 2 and all(isinstance(v, int) for v in rng)):
+            raise ctx.error("check: grid needs range: [min, max] of integer codes, e.g. [-7, 7]", "range")
+        names = scheme_names(item, "scheme", ctx, spec.schemes)
+        return [Expectation(self.name, ctx.line(), s, options={"range": list(rng)}, xfail=xfail)
+                for s in names if spec.schemes[s].method != "float" or item.get("scheme") != "*"]
+
+    def evaluate(self, exp, results):
+        codes = results["results"][exp.scheme].get("codes")
+        lo, hi = exp.options["range"]
+        if not codes:
+            return Outcome(False, f"{exp.scheme} has no integer codes (a float scheme?): nothing to check against [{lo}, {hi}]")
+        ok = codes["min"] == lo and codes["max"] == hi
+        return Outcome(ok, f"codes of {exp.scheme} span [{codes['min']}, {codes['max']}]"
+                           f"{'' if ok else ', expected exactly'} [{lo}, {hi}]", [codes["min"], codes["max"]])
+
+
+class ParetoFrontier(Check):
+    """``{check: pareto_frontier, schemes: [a, b]}``: each listed scheme is on the bytes/ppl frontier."""
+
+    name = "pareto_frontier"
+    keys = frozenset({"check", "schemes", "ppl_rtol", "xfail"})
+
+    def parse(self, item, ctx, spec, xfail):
+        check_keys(item, self.keys, ctx, "check: pareto_frontier")
+        names = scheme_names(item, "schemes", ctx, spec.schemes)
+        # Schemes whose perplexities differ by less than ppl_rtol are equally good: FP16 or INT8 landing
+        # 0.01% below FP32 by rounding luck does not push FP32 off the frontier.
+        rtol = get_value(item, "ppl_rtol", float, 0.001, ctx, "check: pareto_frontier",
+                         check=lambda v: 0 <= v < 1, fix="ppl_rtol is a relative tolerance, e.g. 0.001")
+        return [Expectation(self.name, ctx.line(), s, options={"schemes": [s], "ppl_rtol": rtol}, xfail=xfail)
+                for s in names]
+
+    def evaluate(self, exp, results):
+        rtol = exp.options["ppl_rtol"]
+        frontier = pareto_frontier(results, ppl_rtol=rtol)
+        ok = exp.scheme in frontier
+        return Outcome(ok, f"{exp.scheme} is {'' if ok else 'not '}on the bytes/ppl Pareto frontier with perplexities "
+                           f"within {rtol:g} counted equal (frontier: {', '.join(frontier)})", frontier)
+
+
+class Health(Check):
+    """``{check: health, scheme: q, max_damp: 0.1}``: no RTN fallback, calibration seen, damping bounded."""
+
+    name = "health"
+    keys = frozenset({"check", "scheme", "max_damp", "allow_rtn_fallback", "require_calibration_tokens", "xfail"})
+
+    def parse(self, item, ctx, spec, xfail):
+        check_keys(item, self.keys, ctx, "check: health")
+        opts = {"max_damp": get_value(item, "max_damp", float, None, ctx, "check: health"),
+                "allow_rtn_fallback": get_value(item, "allow_rtn_fallback", bool, False, ctx, "check: health"),
+                "require_calibration_tokens": get_value(item, "require_calibration_tokens", bool, True, ctx, "check: health")}
+        names = [s for s in scheme_names(item, "scheme", ctx, spec.schemes)
+                 if spec.schemes[s].method == "gptq" or item.get("scheme") != "*"]
+        return [Expectation(self.name, ctx.line(), s, options=opts, xfail=xfail) for s in names]
+
+    def evaluate(self, exp, results):
+        events = [e for e in results.get("health", []) if e.get("scheme") == exp.scheme]
+        problems = []
+        if not exp.options["allow_rtn_fallback"]:
+            problems += [f"{e['layer']} fell back to RTN ({e.get('detail', '')})" for e in events if e["event"] == "rtn_fallback"]
+        if exp.options["require_calibration_tokens"]:
+            problems += [f"{e['layer']} saw no calibration tokens" for e in events if e["event"] == "no_calibration_tokens"]
+        problems += [f"{e['layer']}: NaN ({e.get('detail', '')})" for e in events if e["event"] == "nan"]
+        max_damp = exp.options["max_damp"]
+        if max_damp is not None:
+            layers = results["results"][exp.scheme].get("layers") or {}
+            problems += [f"{name} needed damp {info['damp']:.3g} > {max_damp:g}" for name, info in layers.items()
+                         if info.get("damp") is not None and info["damp"] > max_damp]
+        if problems:
+            shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
+            return Outcome(False, f"{exp.scheme} is unhealthy: {shown}", problems)
+        return Outcome(True, f"{exp.scheme}: no layer fell back to RTN, every layer saw calibration tokens"
+                             + (f", damping stayed <= {max_damp:g}" if max_damp is not None else ""), [])
+
+
+class _OverSweep(Check):
+    """What monotone and spread share: a metric of one scheme read at every value of the spec's sweep."""
+
+    def _parse_common(self, item, ctx, spec) -> dict:
+        check_keys(item, self.keys, ctx, f"check: {self.name}")
+        if spec.sweep is None:
+            raise ctx.error(f"check: {self.name} needs a sweep in the spec (e.g. sweep: {{calibration.samples: [4, 16, 64]}})",
+                            "check")
+        over = item.get("over", spec.sweep[0])
+        if over != spec.sweep[0]:
+            raise ctx.error(f"over: {over!r} does not match the spec's sweep key {spec.sweep[0]!r}", "over")
+        if not is_metric(item.get("metric")):
+            raise ctx.error(f"check: {self.name} needs metric, one of {', '.join(METRICS)}", "metric")
+        return {"over": over}
+
+    @staticmethod
+    def series(exp: Expectation, results):
+        """(sweep values, the metric at each) or (None, None) when the run has no such sweep."""
+        sweep = next((s for s in results.get("sweeps", []) if s["key"] == exp.options["over"]), None)
+        if sweep is None:
+            return None, None
+        return sweep["values"], [resolve(point.get(exp.scheme, {}), exp.metric) for point in sweep["results"]]
+
+
+class Monotone(_OverSweep):
+    """``{check: monotone, metric: m, scheme: q, direction: decreasing, slack: 0.01}`` over the sweep."""
+
+    name = "monotone"
+    keys = frozenset({"check", "metric", "scheme", "over", "xfail", "direction", "slack"})
+
+    def parse(self, item, ctx, spec, xfail):
+        opts = self._parse_common(item, ctx, spec)
+        opts["direction"] = get_value(item, "direction", str, "decreasing", ctx, "check: monotone",
+                                      check=lambda v: v in ("decreasing", "increasing"), fix="use decreasing or increasing")
+        opts["slack"] = get_value(item, "slack", float, 0.0, ctx, "check: monotone",
+                                  check=lambda v: v >= 0, fix="slack is a relative tolerance >= 0")
+        return [Expectation(self.name, ctx.line(), s, item["metric"], options=opts, xfail=xfail)
+                for s in scheme_names(item, "scheme", ctx, spec.schemes)]
+
+    def evaluate(self, exp, results):
+        xs, ys = self.series(exp, results)
+        if xs is None or any(y is None for y in (ys or [None])):
+            return Outcome(False, f"{exp.metric} of {exp.scheme} over {exp.options['over']} was not recorded")
+        slack, falling = exp.options["slack"], exp.options["direction"] == "decreasing"
+        worst = None
+        for (x0, y0), (x1, y1) in zip(zip(xs, ys), zip(xs[1:], ys[1:])):
+            step = (y1 - y0) if falling else (y0 - y1)      # > 0 is a step the wrong way
+            allowed = slack * abs(y0)
+            if step > allowed and (worst is None or step - allowed > worst[0]):
+                worst = (step - allowed, x0, y0, x1, y1)
+        series = ", ".join(f"{x}: {fmt(y)}" for x, y in zip(xs, ys))
+        if worst:
+            _, x0, y0, x1, y1 = worst
+            return Outcome(False, f"{exp.metric} of {exp.scheme} is not {exp.options['direction']} over {exp.options['over']}"
+                                  f" (slack {slack:g}): {fmt(y0)} at {x0} -> {fmt(y1)} at {x1}; series {series}", ys)
+        return Outcome(True, f"{exp.metric} of {exp.scheme} is {exp.options['direction']} over {exp.options['over']}: {series}", ys)
+
+
+class Spread(_OverSweep):
+    """``{check: spread, metric: ppl, scheme: q, "<=": 0.5}``: max - min over the sweep."""
+
+    name = "spread"
+    keys = frozenset({"check", "metric", "scheme", "over", "xfail", "<=", "<"})
+
+    def parse(self, item, ctx, spec, xfail):
+        opts = self._parse_common(item, ctx, spec)
+        ops = [k for k in ("<=", "<") if k in item]
+        if len(ops) != 1 or isinstance(item[ops[0]], bool) or not isinstance(item[ops[0]], (int, float)):
+            raise ctx.error("check: spread needs one bound, e.g. '<=': 0.5 (max - min over the sweep)")
+        return [Expectation(self.name, ctx.line(), s, item["metric"], ops[0], float(item[ops[0]]), options=opts, xfail=xfail)
+                for s in scheme_names(item, "scheme", ctx, spec.schemes)]
+
+    def evaluate(self, exp, results):
+        xs, ys = self.series(exp, results)
+        if xs is None or any(y is None for y in (ys or [None])):
+            return Outcome(False, f"{exp.metric} of {exp.scheme} over {exp.options['over']} was not recorded")
+        spread = max(ys) - min(ys)
+        ok = OPERATORS[exp.op](spread, exp.threshold)
+        return Outcome(ok, f"spread (max - min) of {exp.metric} of {exp.scheme} over {len(ys)} values of {exp.options['over']}"
+                           f" = {fmt(spread)} {'' if ok else 'is not '}{exp.op} {fmt(exp.threshold)}"
+                           f" (margin {fmt(exp.threshold - spread)})", spread)
+
+
+CHECKS = {c.name: c for c in (Compare(), Grid(), ParetoFrontier(), Health(), Monotone(), Spread())}
+
+
+def parse_expectations(items, ctx: Ctx, spec: SpecView) -> list:
+    """The spec's ``expect:`` list -> Expectations, each validated by its check."""
+    if items is None:
+        return []
+    if not isinstance(items, list):
+        raise ctx.error("expect must be a list of assertions, each starting with '- '", "expect")
+    out = []
+    for i, item in enumerate(items):
+        line = items.item_lines[i] if isinstance(items, LocatedList) else None
+        if not isinstance(item, dict):
+            raise SpecError("each expectation must be a mapping, e.g. {metric: ppl_gap, scheme: int4-g64, '<': 0.15}",
+                            ctx.source, line)
+        ictx = Ctx(ctx.source, item, "expect")
+        xfail = item.get("xfail")
+        if xfail is not None and not isinstance(xfail, str):
+            raise ictx.error("xfail must be a sentence saying why the assertion is expected to fail", "xfail")
+        name = item.get("check", "compare")
+        if name not in CHECKS:
+            raise ictx.error(f"unknown check {name!r}; use one of {', '.join(n for n in CHECKS if n != 'compare')} "
+                             "(or omit check for a metric comparison)", "check")
+        out.extend(CHECKS[name].parse(item, ictx, spec, xfail))
+    return out
+
+
+def check(exp: Expectation, results, spec) -> Outcome:
+    """Evaluate one expectation. Never raises for a missing metric: that is a failed outcome."""
+    where = f"{spec.source}:{exp.line}" if exp.line else spec.source
+    outcome = CHECKS[exp.kind].evaluate(exp, results)
+    outcome.message = f"{where}: {outcome.message}"
+    return outcome

@@ -1,0 +1,41 @@
+"""The byte accountant: one answer to "how big is this deployed model", for every scheme and keep."""
+import pytest
+
+from quantlab.accounting import deployable_bytes, float_element_bytes, round_kept_modules
+from quantlab.quant import PRESETS, quantize_rtn
+
+
+def quantized_linears(model, scheme):
+    return {n: quantize_rtn(model.module.get_submodule(n).weight.detach(), scheme) for n in model.all_linear_names()}
+
+
+def test_float_schemes_count_every_parameter_at_their_dtype(minigpt):
+    params = sum(p.numel() for p in minigpt.module.parameters())  # tied lm_head counted once by parameters()
+    assert deployable_bytes(minigpt, {}, PRESETS["fp32"], keep=[])["bytes_total"] == 4 * params
+    assert deployable_bytes(minigpt, {}, PRESETS["fp16"], keep=[])["bytes_total"] == 2 * params
+
+
+def test_integer_schemes_count_packed_linears_and_kept_kinds_in_float16(minigpt):
+    int4 = PRESETS["int4-g64"]
+    qtensors = quantized_linears(minigpt, int4)
+    kept = deployable_bytes(minigpt, qtensors, int4, keep=["embeddings", "lm_head", "norms"])
+    assert kept["bytes_linear"] == sum(q.nbytes for q in qtensors.values())
+    assert kept["bits_per_weight"] == pytest.approx(8 * kept["bytes_linear"] / kept["params_linear"])
+    # Dropping every kind from keep stores them in float32: twice the bytes for everything but Linears
+    # (Linear biases stay float16 either way).
+    dropped = deployable_bytes(minigpt, qtensors, int4, keep=[])
+    sizes = float_element_bytes(minigpt, [], int4)
+    other_fp32 = sum(p.numel() for p in minigpt.module.parameters() if sizes.get(id(p)) == 4)
+    assert dropped["bytes_total"] - kept["bytes_total"] == 2 * other_fp32 > 0
+
+
+def test_kept_modules_are_rounded_through_float16_and_quantized_weights_are_left_alone(make_minigpt):
+    model = make_minigpt()
+    before = {n: p.detach().clone() for n, p in model.module.named_parameters()}
+    quantized = set(model.all_linear_names())
+    round_kept_modules(model, quantized, keep=["embeddings", "lm_head", "norms"])
+    for name, p in model.module.named_parameters():
+        if name.removesuffix(".weight") in quantized:
+            assert p.equal(before[name])
+        else:
+            assert p.equal(before[name].half().float())
