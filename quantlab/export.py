@@ -41,7 +41,7 @@ class ExportInfo:
     """What an export wrote.
 
     bytes_on_disk:  bytes of the weight files (``*.safetensors`` or the ``.gguf``), to set next to
-                    quant.model_bytes' ``bytes_total`` (which counts kept float tensors as float16).
+                    accounting.deployable_bytes' ``bytes_total`` (which counts kept float tensors as float16).
     bytes_quantized: bytes of the quantized Linears' tensors (packed codes, scales, zeros, g_idx).
     """
 
@@ -269,8 +269,110 @@ def _write_atomically(target: Path, write, overwrite: bool) -> Path:
 
 
 # ----------------------------------------------------------------------------------------------
-# GGUF (filled in below)
+# GGUF: symmetric group-32 INT4 is Q4_0 ((q - 8) * d, fp16 d per 32 weights), INT8 group 32 is Q8_0.
+
+GGUF_ARCHITECTURES = ("llama",)   # transformers reads these back; each needs its name map and q/k permutation
+GGUF_BLOCK = 32
 
 
 def _gguf_servability(scheme: Scheme, model) -> tuple[bool, str]:
-    return False, "GGUF export is not implemented yet"
+    model_type = getattr(model.module.config, "model_type", None)
+    if model_type not in GGUF_ARCHITECTURES:
+        return False, (f"GGUF export covers {', '.join(GGUF_ARCHITECTURES)} (what quantlab writes and transformers "
+                       f"reads back), not {model_type!r}; export compressed-tensors instead")
+    if not scheme.symmetric or scheme.granularity != "group" or scheme.group_size != GGUF_BLOCK \
+            or scheme.bits not in (4, 8):
+        return False, (f"{scheme.describe()} has no GGUF block type: Q4_0 is symmetric INT4 and Q8_0 symmetric INT8, "
+                       f"both in groups of {GGUF_BLOCK} with float16 scales; use bits 4 or 8, group_size 32, symmetric")
+    for name, width in _linear_widths(model).items():
+        if width % GGUF_BLOCK:
+            return False, f"{name}'s input width {width} is not a multiple of the GGUF block ({GGUF_BLOCK})"
+    return True, ""
+
+
+def gguf_blocks(codes: torch.Tensor, scales: torch.Tensor, bits: int):
+    """quantlab codes (out, in) and float16 scales (out, in/32) as Q4_0 / Q8_0 block bytes (out, in/32*bytes)."""
+    import numpy as np
+
+    out_features, in_features = codes.shape
+    n_blocks = in_features // GGUF_BLOCK
+    d = scales.to(torch.float16).contiguous().numpy().reshape(out_features, n_blocks, 1).view(np.uint8)
+    if bits == 4:
+        # block_q4_0: d, then 16 bytes whose low nibbles are weights 0..15 and high nibbles 16..31, stored q + 8.
+        u = (codes.to(torch.int16) + 8).to(torch.uint8).reshape(out_features, n_blocks, GGUF_BLOCK).numpy()
+        qs = u[..., : GGUF_BLOCK // 2] | (u[..., GGUF_BLOCK // 2:] << np.uint8(4))
+    else:
+        # block_q8_0: d, then the 32 int8 codes.
+        qs = codes.to(torch.int8).reshape(out_features, n_blocks, GGUF_BLOCK).numpy().view(np.uint8)
+    return np.concatenate([d, qs], axis=-1).reshape(out_features, -1)
+
+
+def _llama_permute(t: torch.Tensor, n_head: int) -> torch.Tensor:
+    """llama.cpp's row order for q/k (its rotary pairs halves differently); transformers undoes it on load."""
+    return t.reshape(n_head, 2, t.shape[0] // n_head // 2, *t.shape[1:]).swapaxes(1, 2).reshape(t.shape)
+
+
+def export_gguf(quantized, path) -> ExportInfo:
+    """Write ``quantized`` (a Llama, symmetric INT4/INT8 group 32) as a GGUF file with Q4_0/Q8_0 Linears built
+    from quantlab's codes and scales; embeddings, norms and lm_head stay F32. Written to a temporary file,
+    then renamed. No tokenizer metadata is written (transformers loads the model without it)."""
+    import gguf
+
+    _require_servable(quantized, GGUF)
+    if any(qt.g_idx is not None for qt in quantized.qtensors.values()):
+        raise ValueError("GGUF blocks are consecutive columns: act-order groups (g_idx) cannot be stored; "
+                         "quantize with static_groups: true or act_order: false")
+    module, scheme = quantized.model.module, quantized.scheme
+    cfg = module.config
+    qtype = gguf.GGMLQuantizationType.Q4_0 if scheme.bits == 4 else gguf.GGMLQuantizationType.Q8_0
+    path = Path(path).resolve()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    os.close(fd)
+    bytes_quantized = 0
+    try:
+        writer = gguf.GGUFWriter(tmp, "llama")
+        writer.add_context_length(cfg.max_position_embeddings)
+        writer.add_embedding_length(cfg.hidden_size)
+        writer.add_block_count(cfg.num_hidden_layers)
+        writer.add_feed_forward_length(cfg.intermediate_size)
+        writer.add_head_count(cfg.num_attention_heads)
+        writer.add_head_count_kv(cfg.num_key_value_heads)
+        writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+        rope = getattr(cfg, "rope_parameters", None) or {}
+        writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))))
+        writer.add_rope_dimension_count(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+        writer.add_vocab_size(cfg.vocab_size)
+        writer.add_string(f"{METADATA_KEY}.scheme", scheme.describe())
+        writer.add_string(f"{METADATA_KEY}.grid", scheme.grid)
+        names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_hidden_layers)
+        tied = getattr(cfg, "tie_word_embeddings", False)
+        for key, value in module.state_dict().items():
+            base, _, suffix = key.rpartition(".")
+            if tied and key == "lm_head.weight":
+                continue   # GGUF llama without output.weight reuses token_embd
+            gguf_name = names.get_name(base)
+            if gguf_name is None:
+                raise ValueError(f"{key} has no GGUF llama tensor name; the model is not a plain Llama")
+            if base in quantized.qtensors:
+                qt = quantized.qtensors[base]
+                codes, scales = qt.codes, qt.scales
+                heads = {"q_proj": cfg.num_attention_heads, "k_proj": cfg.num_key_value_heads}.get(base.rpartition(".")[2])
+                if heads:
+                    codes, scales = _llama_permute(codes, heads), _llama_permute(scales, heads)
+                blocks = gguf_blocks(codes, scales, scheme.bits)
+                writer.add_tensor(f"{gguf_name}.{suffix}", blocks, raw_dtype=qtype)
+                bytes_quantized += blocks.nbytes
+            else:
+                writer.add_tensor(f"{gguf_name}.{suffix}", value.detach().to(torch.float32).numpy())
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return ExportInfo(path=path, format=GGUF, files=(path.name,), bytes_on_disk=path.stat().st_size,
+                      bytes_quantized=bytes_quantized, n_quantized=len(quantized.qtensors),
+                      metadata={"scheme": scheme.describe(), "ggml_type": qtype.name, "grid": scheme.grid})

@@ -197,3 +197,42 @@ def test_written_atomically(tiny_models, tmp_path, monkeypatch):
         export.export_compressed_tensors(quantized, target)
     info = export.export_compressed_tensors(quantized, target, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and info.n_quantized == 14
+
+
+# ----------------------------------------------------------------------------------------------
+# GGUF
+
+
+@pytest.mark.parametrize("scheme, ggml_type", [(Scheme(4, group_size=32, grid="full"), "Q4_0"),
+                                               (Scheme(4, group_size=32), "Q4_0"),
+                                               (Scheme(8, group_size=32), "Q8_0")],
+                         ids=["q4_0-full", "q4_0-restricted", "q8_0"])
+def test_gguf_round_trip_through_transformers(tiny_models, scheme, ggml_type, tmp_path):
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    quantized = quantize_model(tiny_models["llama"], scheme, CALIBRATION, method="gptq")
+    info = export.export_gguf(quantized, tmp_path / "model.gguf")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="model.gguf", dtype=torch.float32)
+    with torch.no_grad():
+        diff = float((loaded(input_ids=TOKENS).logits - quantized.model.logits(TOKENS)).abs().max())
+    print(f"llama gguf {info.metadata['ggml_type']}: max |logit diff| = {diff:.3g}")
+    assert diff <= 1e-5
+    # The blocks hold quantlab's codes: the gguf library's own dequantizer gives code * scale (down_proj is
+    # not row-permuted).
+    tensors = {t.name: t for t in GGUFReader(info.path).tensors}
+    block = tensors["blk.0.ffn_down.weight"]
+    assert block.tensor_type.name == ggml_type
+    qt = quantized.qtensors["model.layers.0.mlp.down_proj"]
+    values = torch.from_numpy(dequantize(block.data, block.tensor_type).copy()).reshape(qt.shape)
+    assert torch.equal(values, qt.dequantize())
+    assert info.bytes_on_disk == info.path.stat().st_size
+
+
+def test_gguf_refusals(tiny_models):
+    llama = tiny_models["llama"]
+    ok, reason = export.servability(Scheme(4, group_size=64), llama, format="gguf")
+    assert not ok and "Q4_0" in reason
+    ok, reason = export.servability(Scheme(4, group_size=32), tiny_models["qwen2"], format="gguf")
+    assert not ok and "qwen2" in reason
+    assert export.servability(Scheme(4, group_size=32), llama, format="gguf") == (True, "")
