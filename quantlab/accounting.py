@@ -59,9 +59,12 @@ def round_kept_modules(model, quantized_linears, keep) -> None:
                 p.copy_(p.to(torch.float16).to(p.dtype))
 
 
-def deployable_bytes(model, qtensors: dict, scheme, keep) -> dict:
+def deployable_bytes(model, qtensors: dict, scheme, keep, linear_nbytes: Optional[dict] = None) -> dict:
     """bytes_total, bytes_linear, bits_per_weight, params_linear, params_total of ``model`` (a
-    LanguageModel) whose block Linears named in ``qtensors`` are stored as those QTensors."""
+    LanguageModel) whose block Linears named in ``qtensors`` are stored as those QTensors.
+    ``linear_nbytes`` (name -> bytes) overrides ``QTensor.nbytes`` where a file stores a Linear in
+    another layout (an imported checkpoint's own int32 packing, say)."""
+    linear_nbytes = linear_nbytes or {}
     module = model.module
     sizes = float_element_bytes(model, keep, scheme)
     seen, bytes_linear, params_linear, bytes_other, params_other = set(), 0, 0, 0, 0
@@ -70,7 +73,10 @@ def deployable_bytes(model, qtensors: dict, scheme, keep) -> dict:
         seen.add(id(weight))
         params_linear += weight.numel()
         qtensor = qtensors.get(name)
-        bytes_linear += qtensor.nbytes if qtensor is not None else weight.numel() * sizes[id(weight)]
+        if name in linear_nbytes:
+            bytes_linear += int(linear_nbytes[name])
+        else:
+            bytes_linear += qtensor.nbytes if qtensor is not None else weight.numel() * sizes[id(weight)]
     for p in module.parameters():
         if id(p) not in seen:
             seen.add(id(p))

@@ -29,9 +29,12 @@ from tqdm.auto import tqdm
 
 from quantlab.gptq import all_finite, gptq_quantize, relative_loss, torch_threads
 from quantlab.models.base import LanguageModel
-from quantlab.quant import FLOAT_DTYPES, FloatScheme, Scheme, model_bytes, quantize_rtn
+from quantlab.accounting import KEEP_KINDS, deployable_bytes, round_kept_modules
+from quantlab.quant import FLOAT_DTYPES, FloatScheme, Scheme, quantize_rtn
 
-METHODS = ("rtn", "gptq")
+# How a scheme's values are chosen: a float scheme is a cast ("float"); an integer scheme's codes come
+# from round-to-nearest or the GPTQ solver. The spec's `method` key takes exactly these names.
+METHODS = ("float", "rtn", "gptq")
 # Every layer reports all of these (None when not measured); heldout_rel_loss only with held-out tokens.
 LAYER_STATISTICS = ("rel_loss", "rtn_rel_loss", "damp", "seconds", "h_cond", "h_diag_spread", "input_absmax",
                     "outlier_ratio", "n_tokens")
@@ -47,7 +50,8 @@ class QuantizedModel:
               held-out tokens), damp, seconds, h_cond, h_diag_spread, input_absmax, outlier_ratio,
               n_tokens. A statistic that was not measured is None.
     health:   events worth a user's attention: {"layer", "event", "detail"}.
-    bytes:    quant.model_bytes of the result: bytes_linear, bytes_total, params_linear.
+    bytes:    accounting.deployable_bytes of the result: bytes_linear, bytes_total, bits_per_weight,
+              params_linear, params_total.
     """
 
     model: LanguageModel
@@ -255,16 +259,21 @@ def _next_block_inputs(model: LanguageModel, block_index: int, batches: list) ->
 
 
 def quantize_model(model: LanguageModel, scheme: Union[Scheme, FloatScheme], calibration: Optional[torch.Tensor],
-                   *, method: str = "rtn", damp: float = 0.01, block_size: int = 128, act_order: bool = False,
-                   static_groups: bool = False, batch_size: int = 8, heldout: Optional[torch.Tensor] = None,
-                   progress: bool = False) -> QuantizedModel:
+                   *, method: Optional[str] = None, damp: float = 0.01, block_size: int = 128,
+                   act_order: bool = False, static_groups: bool = False, batch_size: int = 8,
+                   heldout: Optional[torch.Tensor] = None, keep=KEEP_KINDS, progress: bool = False) -> QuantizedModel:
     """Quantize every block Linear of ``model`` (``model.all_linear_names()``); the input model is untouched.
 
-    ``calibration`` and ``heldout`` are token windows (n, T). GPTQ needs calibration; without it every
-    layer falls back to RTN with a "no_calibration_tokens" health event. Embeddings, norms and the
-    lm_head are not quantized and are counted as float16 in ``bytes``.
+    ``method`` is one of METHODS: "float" for a FloatScheme (the default there), "rtn" (the default for
+    an integer Scheme) or "gptq". ``calibration`` and ``heldout`` are token windows (n, T). GPTQ needs
+    calibration; without it every layer falls back to RTN with a "no_calibration_tokens" health event.
+    Under an integer scheme the float module kinds in ``keep`` (embeddings, lm_head, norms) are stored,
+    and so rounded, in float16, the others stay float32; ``bytes`` is what the result occupies deployed
+    (quantlab.accounting).
     """
     started = time.perf_counter()
+    if method is None:
+        method = "float" if isinstance(scheme, FloatScheme) else "rtn"
     _validate(model, scheme, calibration, heldout, method, batch_size)
     quantized = QuantizedModel(model=_copy_model(model), scheme=scheme, method=method)
     with torch.no_grad():
@@ -277,8 +286,8 @@ def quantize_model(model: LanguageModel, scheme: Union[Scheme, FloatScheme], cal
                 heldout = None   # held-out error is measured on the calibration pipeline's Hessians
             solver = dict(damp=damp, block_size=block_size, act_order=act_order, static_groups=static_groups)
             _quantize_blocks(quantized, calibration, heldout, solver, batch_size, progress)
-            quantized.bytes = model_bytes(quantized.model.module,
-                                          {name: qt.nbytes for name, qt in quantized.qtensors.items()})
+            round_kept_modules(quantized.model, set(quantized.qtensors), keep)
+        quantized.bytes = deployable_bytes(quantized.model, quantized.qtensors, scheme, keep)
     quantized.seconds = time.perf_counter() - started
     return quantized
 
@@ -290,9 +299,12 @@ def _validate(model, scheme, calibration, heldout, method, batch_size) -> None:
         raise TypeError(f"scheme must be a quantlab.quant.Scheme or FloatScheme, got {scheme!r}")
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
-    if method == "gptq" and isinstance(scheme, FloatScheme):
-        raise ValueError(f"method 'gptq' needs an integer scheme; {scheme.dtype} weights are only rounded, "
-                         "use method 'rtn'")
+    if method != "float" and isinstance(scheme, FloatScheme):
+        raise ValueError(f"method {method!r} needs an integer scheme; {scheme.dtype} weights are only cast, "
+                         "use method 'float'")
+    if method == "float" and not isinstance(scheme, FloatScheme):
+        raise ValueError(f"method 'float' needs a float scheme (float32, float16, bfloat16); for {scheme.describe()} "
+                         "use method 'rtn' or 'gptq'")
     if isinstance(scheme, Scheme) and (outside := model.weights_outside_linears()):
         # Skipping them would report "INT4" for a model whose experts all stayed float16.
         name, shape = outside[0]
@@ -330,10 +342,6 @@ def _round_to_float(quantized: QuantizedModel, scheme: FloatScheme) -> None:
     module = quantized.model.module
     for p in module.parameters():
         p.copy_(p.to(dtype).to(p.dtype))
-    element_bytes = scheme.bits // 8
-    linear_bytes = {name: module.get_submodule(name).weight.numel() * element_bytes
-                    for name in quantized.model.all_linear_names()}
-    quantized.bytes = model_bytes(module, linear_bytes, keep_dtype=dtype)
 
 
 def _quantize_blocks(quantized: QuantizedModel, calibration, heldout, solver: dict, batch_size: int,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -70,10 +71,14 @@ def cmd_models(args) -> int:
 
 
 def cmd_datasets(args) -> int:
-    from quantlab.data import list_datasets
+    from quantlab.data import list_datasets, list_tasks
 
+    print("datasets (calibration.dataset, evaluation.dataset):")
     for name, description in list_datasets().items():
-        print(f"{name:24s} {description}")
+        print(f"  {name:22s} {description}")
+    print("tasks (evaluation.tasks):")
+    for name, description in list_tasks().items():
+        print(f"  {name:22s} {description}")
     return 0
 
 
@@ -96,6 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    # OpenMP threads that spin while they wait slow GPTQ's many small per-column steps badly on a busy
+    # machine (benchmarks/bench_gptq.py measures the solver). Set for this command's process only, and
+    # before torch is imported; a library import never changes the host process's settings.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

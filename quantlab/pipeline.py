@@ -20,7 +20,6 @@ from typing import Optional
 import torch
 
 import quantlab
-from quantlab.accounting import deployable_bytes, round_kept_modules
 from quantlab.files import write_json
 from quantlab.results import HealthEvent, RunResult, SchemeResult, Sweep
 from quantlab.spec import SchemeConfig, Spec, as_spec
@@ -213,15 +212,11 @@ class SpecRun:
         from quantlab.calibrate import quantize_model
 
         calibration = self.calibration(spec) if cfg.needs_calibration else None
-        scheme = cfg.quant_scheme()
-        quantized = quantize_model(
-            self.model, scheme, calibration, method="rtn" if cfg.method == "float" else cfg.method,
+        return quantize_model(
+            self.model, cfg.quant_scheme(), calibration, method=cfg.method, keep=spec.keep,
             damp=cfg.damp, block_size=cfg.block_size, act_order=cfg.act_order, static_groups=cfg.static_groups,
             batch_size=spec.calibration.batch_size, heldout=self.heldout(spec) if calibration is not None else None,
             progress=self.progress)
-        if cfg.method != "float":
-            round_kept_modules(quantized.model, set(quantized.qtensors), spec.keep)
-        return quantized
 
     def scheme_result(self, spec: Spec, name: str) -> SchemeResult:
         cfg = spec.schemes[name]
@@ -245,7 +240,7 @@ class SpecRun:
             layers.setdefault(n, {}).update(code_min=int(qt.codes.min()), code_max=int(qt.codes.max()))
         result = SchemeResult(
             **metrics,
-            **deployable_bytes(quantized.model, quantized.qtensors, cfg.quant_scheme(), spec.keep),
+            **quantized.bytes,
             quantize_seconds=quantize_seconds,
             workload=decode_workload(quantized.model.module),
             codes=({"min": min(l["code_min"] for l in layers.values() if "code_min" in l),

@@ -103,13 +103,6 @@ PRESETS = {
 }
 
 
-def preset(name: str):
-    try:
-        return PRESETS[name]
-    except KeyError:
-        raise ValueError(f"unknown scheme preset {name!r}; known: {', '.join(PRESETS)}") from None
-
-
 # ----------------------------------------------------------------------------------------------
 # Pure numerics
 
@@ -289,26 +282,3 @@ def expected_nbytes(out_features: int, in_features: int, scheme, reordered: bool
     if reordered:
         n += 4 * in_features
     return n
-
-
-def model_bytes(model: torch.nn.Module, linear_bytes: dict, keep_dtype=torch.float16) -> dict:
-    """Bytes of a deployable model: Linear weights as given in ``linear_bytes`` (module name -> bytes,
-    e.g. QTensor.nbytes), every other parameter (embeddings, norms, biases, lm_head unless listed)
-    stored in ``keep_dtype``. Tied parameters are counted once.
-
-    Returns {"bytes_linear", "bytes_total", "params_linear"}.
-    """
-    counted = set()
-    bytes_linear = params_linear = 0
-    for name in linear_bytes:
-        weight = model.get_submodule(name).weight
-        counted.add(id(weight))
-        bytes_linear += int(linear_bytes[name])
-        params_linear += weight.numel()
-    other = 0
-    elem = torch.finfo(keep_dtype).bits // 8
-    for p in model.parameters():
-        if id(p) not in counted:
-            counted.add(id(p))
-            other += p.numel() * elem
-    return {"bytes_linear": bytes_linear, "bytes_total": bytes_linear + other, "params_linear": params_linear}

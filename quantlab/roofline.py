@@ -63,7 +63,7 @@ def decode_intensity(scheme_result: dict, model: dict, *,
     if not params:
         raise ValueError("decode_intensity needs results['model']['params_linear'] (or 'params_matmul'), "
                          "the number of weights multiplied per token; the pipeline records it from "
-                         "quant.model_bytes / roofline.decode_workload")
+                         "accounting.deployable_bytes / roofline.decode_workload")
     bytes_weights = scheme_result.get("bytes_total")
     if bytes_weights is None:
         raise ValueError("decode_intensity needs the scheme's bytes_total; it is null for this scheme")

@@ -2,6 +2,7 @@
 import pytest
 
 from quantlab.accounting import deployable_bytes, float_element_bytes, round_kept_modules
+from quantlab.calibrate import quantize_model
 from quantlab.quant import PRESETS, quantize_rtn
 
 
@@ -39,3 +40,26 @@ def test_kept_modules_are_rounded_through_float16_and_quantized_weights_are_left
             assert p.equal(before[name])
         else:
             assert p.equal(before[name].half().float())
+
+
+def test_quantize_model_reports_the_accountants_bytes_for_the_keep_it_was_given(minigpt):
+    # quant.model_bytes once counted every kept kind as float16 whatever `keep` said, so a spec with
+    # keep: [] showed fewer bytes than it deployed.
+    int4 = PRESETS["int4-g64"]
+    for keep in ([], ["embeddings"], ["embeddings", "lm_head", "norms"]):
+        quantized = quantize_model(minigpt, int4, None, keep=keep)
+        assert quantized.bytes == deployable_bytes(quantized.model, quantized.qtensors, int4, keep)
+    assert (quantize_model(minigpt, int4, None, keep=[]).bytes["bytes_total"]
+            > quantize_model(minigpt, int4, None).bytes["bytes_total"])
+
+
+def test_tied_parameters_are_counted_once_and_file_layouts_can_override_a_linears_bytes(minigpt):
+    int4 = PRESETS["int4-g64"]
+    qtensors = quantized_linears(minigpt, int4)
+    base = deployable_bytes(minigpt, qtensors, int4, keep=["embeddings", "lm_head", "norms"])
+    unique = sum(p.numel() for p in minigpt.module.parameters())
+    assert base["params_total"] == unique
+    name = next(iter(qtensors))
+    overridden = deployable_bytes(minigpt, qtensors, int4, keep=["embeddings", "lm_head", "norms"],
+                                  linear_nbytes={name: qtensors[name].nbytes + 100})
+    assert overridden["bytes_total"] == base["bytes_total"] + 100

@@ -7,34 +7,19 @@ from torch import nn
 from torch.nn import functional as F
 
 from quantlab.calibrate import InputStatistics, _input_groups, quantize_model
-from quantlab.gptq import gptq_quantize, relative_loss, torch_threads
+from quantlab.gptq import gptq_quantize, relative_loss
 from quantlab.models.base import LanguageModel
-from quantlab.models.minigpt import CHECKPOINT_DIR, MiniGPT, MiniGPTConfig, load_checkpoint, wrap
+from quantlab.models.minigpt import CHECKPOINT_DIR, load_checkpoint
 from quantlab.quant import PRESETS, Scheme, quantize_rtn
 
 INT4_G16 = Scheme(4, group_size=16)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models and matrices are tiny: on the shared 2-core CPU, a second OpenMP thread only adds
-    waiting (measured: the trained-MiniGPT test took 93 s on two threads under load, 6 s on one)."""
-    with torch_threads(1):
-        yield
-
-
-def random_minigpt(seed: int = 0):
-    torch.manual_seed(seed)
-    return wrap(MiniGPT(MiniGPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=32)))
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_tokens(n: int, seq_len: int = 32, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, 256, (n, seq_len), generator=torch.Generator().manual_seed(seed))
-
-
-@pytest.fixture(scope="module")
-def minigpt():
-    return random_minigpt()
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +44,8 @@ def capture_input(model: LanguageModel, linear_name: str, tokens: torch.Tensor) 
 # What is quantized
 
 
-def test_input_model_is_untouched(minigpt, gptq_result):
-    fresh = random_minigpt()
+def test_input_model_is_untouched(minigpt, gptq_result, make_minigpt):
+    fresh = make_minigpt()
     for (name, p), (_, q) in zip(minigpt.module.named_parameters(), fresh.module.named_parameters()):
         assert torch.equal(p, q), name
 

@@ -173,7 +173,7 @@ def test_interpretation_gives_no_verdict_on_the_gap_when_the_spec_asserts_no_bou
 def test_interpretation_compares_gptq_with_rtn_on_the_same_grid(seven):
     text = " ".join(report.interpretation(seven))
     removed = 1 - seven["results"]["int4-g64-gptq"]["ppl_gap"] / seven["results"]["int4-g64"]["ppl_gap"]
-    assert f"same grid (int4-g64)" in text and f"GPTQ removes {removed:.0%}" in text
+    assert "same grid (int4-g64)" in text and f"GPTQ removes {removed:.0%}" in text
 
 
 def test_interpretation_names_the_frontier_and_the_int4_speedup_from_bytes(seven):

@@ -5,7 +5,6 @@ provide ``module``, ``blocks``, ``logits`` and ``encode``; everything generic li
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import sys
 from dataclasses import dataclass, field
@@ -121,11 +120,3 @@ class LanguageModel:
             kwargs = kwargs.for_block(block_index)
         out = self.blocks[block_index](hidden, **kwargs)
         return out[0] if isinstance(out, (tuple, list)) else out
-
-    def weights_sha256(self) -> str:
-        """Checksum of the float weights (what results are keyed on)."""
-        h = hashlib.sha256()
-        for name, t in sorted(self.module.state_dict().items()):
-            h.update(name.encode())
-            h.update(t.detach().to(torch.float32).contiguous().cpu().numpy().tobytes())
-        return h.hexdigest()

@@ -22,7 +22,8 @@ from typing import Optional
 
 import torch
 
-from quantlab.quant import QTensor, Scheme, group_index, model_bytes
+from quantlab.accounting import KEEP_KINDS, deployable_bytes
+from quantlab.quant import QTensor, Scheme, group_index
 
 HF_PREFIX = "hf:"
 GGUF_PREFIX = "gguf:"
@@ -247,7 +248,7 @@ def _assemble(directory: Path, gguf_file: Optional[str], qtensors: dict, scheme:
             linear.weight.copy_(qt.dequantize().to(linear.weight.dtype))
     module.to(device)
     file_bytes = {name: _file_nbytes(qt) for name, qt in qtensors.items()}
-    bytes_ = model_bytes(module, file_bytes)
+    bytes_ = deployable_bytes(model, qtensors, scheme, KEEP_KINDS, linear_nbytes=file_bytes)
     bytes_["bytes_on_disk"] = sum(f.stat().st_size for f in weight_files)
     return QuantizedModel(model=model, scheme=scheme, method=kind, qtensors=qtensors, bytes=bytes_)
 
@@ -259,7 +260,7 @@ def _file_nbytes(qt: QTensor) -> int:
 
 
 def _float_module(directory: Path, gguf_file: Optional[str], qtensors: dict, kind: str):
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     if gguf_file:
         # transformers' GGUF loader dequantizes with its own arithmetic; the Linears are then overwritten

@@ -44,7 +44,10 @@ def natural_key(text: str):
 
 
 def _figure(width, height):
-    from matplotlib.figure import Figure
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise ImportError("the report's plots need matplotlib: pip install 'quantlab[report]'") from None
 
     return Figure(figsize=(width, height), dpi=100, layout="constrained")
 

@@ -18,15 +18,15 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Optional
 
+from quantlab.accounting import KEEP_KINDS
+from quantlab.calibrate import METHODS
 from quantlab.metrics import LAYER_METRICS, is_metric, unknown_metric_hint
 from quantlab.quant import FLOAT_DTYPES, PRESETS, FloatScheme, Scheme
 from quantlab.spec.checks import SpecView, parse_expectations
 from quantlab.spec.located import (Ctx, Located, SpecError, check_keys, get_value, locate, plain, read_yaml)
 
-DEFAULT_KEEP = ["embeddings", "lm_head", "norms"]
+DEFAULT_KEEP = list(KEEP_KINDS)
 PLOTS = ("pareto", "accuracy", "calibration_size", "per_layer", "roofline")
-# How a scheme picks its values: a float cast, round-to-nearest, or GPTQ (quantlab.calibrate.METHODS).
-METHODS = ("float", "rtn", "gptq")
 SWEEPABLE = ("calibration.samples", "calibration.seq_len", "calibration.heldout_samples", "seed")
 
 @dataclass
