@@ -19,7 +19,8 @@ from quantlab.data.shakespeare import plays, shakespeare_split
 from quantlab.data.tasks import MCItem, load_jsonl_task
 from quantlab.data.verbs import verb_tense_task, verbs_text
 
-__all__ = ["MCItem", "calibration_windows", "list_datasets", "list_tasks", "load_task", "load_text",
+__all__ = ["MCItem", "calibration_windows", "dataset_files", "list_datasets", "list_tasks", "load_task", "load_text",
+           "task_files",
            "load_jsonl_task", "plays", "shakespeare_split", "verb_tense_task", "verbs_text"]
 
 _DATASETS = {
@@ -54,14 +55,47 @@ def load_text(dataset: str, split: str = "train") -> str:
     if dataset == "verbs":
         return verbs_text(split)
     if dataset.startswith("text:"):
-        return _read_text_path(Path(dataset[len("text:"):]))
+        return "\n\n".join(f.read_text(encoding="utf-8") for f in dataset_files(dataset))
     if dataset.startswith("jsonl:"):
-        path, _, field = dataset[len("jsonl:"):].rpartition("#")
-        if not path or not field:
-            raise ValueError(f"dataset {dataset!r} names no field; write it as jsonl:PATH#field, "
-                             "e.g. jsonl:data.jsonl#text")
-        return _read_jsonl_field(Path(path), field)
+        (path,) = dataset_files(dataset)
+        return _read_jsonl_field(path, _jsonl_parts(dataset)[1])
     raise ValueError(f"unknown dataset {dataset!r}; known: {', '.join(_DATASETS)}")
+
+
+def dataset_files(dataset: str) -> list[Path]:
+    """The exact files ``load_text`` reads for a user corpus, in reading order (what its cache key
+    hashes); [] for the built-in corpora, which are pinned by their package's checksum."""
+    if dataset.startswith("text:"):
+        path = Path(dataset[len("text:"):])
+        if path.is_file():
+            return [path]
+        if path.is_dir():
+            files = sorted(p for p in path.rglob("*.txt") if p.is_file())
+            if not files:
+                raise FileNotFoundError(f"folder {path} holds no .txt files; point text: at a file or a "
+                                        "folder of .txt files")
+            return files
+        raise FileNotFoundError(f"text corpus {path} does not exist; give text:PATH a file or a folder of .txt files")
+    if dataset.startswith("jsonl:"):
+        path = _jsonl_parts(dataset)[0]
+        if not path.is_file():
+            raise FileNotFoundError(f"jsonl corpus {path} does not exist; write it as jsonl:PATH#field")
+        return [path]
+    return []
+
+
+def task_files(task: str) -> list[Path]:
+    """The exact files ``load_task`` reads for a task ([] for the generated verb_tense task)."""
+    return [Path(task[len("jsonl:"):])] if task.startswith("jsonl:") else []
+
+
+def _jsonl_parts(dataset: str) -> tuple[Path, str]:
+    """jsonl:PATH#field -> (PATH, field); the field follows the last '#', so a folder may contain one."""
+    path, _, field = dataset[len("jsonl:"):].rpartition("#")
+    if not path or not field:
+        raise ValueError(f"dataset {dataset!r} names no field; write it as jsonl:PATH#field, "
+                         "e.g. jsonl:data.jsonl#text")
+    return Path(path), field
 
 
 def load_task(name: str, seed: int = 0) -> list[MCItem]:
@@ -69,20 +103,8 @@ def load_task(name: str, seed: int = 0) -> list[MCItem]:
     if name == "verb_tense":
         return verb_tense_task("test", seed=seed)
     if name.startswith("jsonl:"):
-        return load_jsonl_task(Path(name[len("jsonl:"):]))
+        return load_jsonl_task(task_files(name)[0])
     raise ValueError(f"unknown task {name!r}; known: {', '.join(_TASKS)}")
-
-
-def _read_text_path(path: Path) -> str:
-    if path.is_file():
-        return path.read_text(encoding="utf-8")
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*.txt") if p.is_file())
-        if not files:
-            raise FileNotFoundError(f"folder {path} holds no .txt files; point text: at a file or a "
-                                    "folder of .txt files")
-        return "\n\n".join(f.read_text(encoding="utf-8") for f in files)
-    raise FileNotFoundError(f"text corpus {path} does not exist; give text:PATH a file or a folder of .txt files")
 
 
 def _read_jsonl_field(path: Path, field: str) -> str:
