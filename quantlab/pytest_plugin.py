@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
@@ -125,6 +126,8 @@ def spec_results(config, spec):
     if spec.source not in runs:
         try:
             runs[spec.source] = _run(config, spec)
+        except pytest.exit.Exception:
+            raise
         except Exception as e:  # a run that cannot happen fails every item of the spec, once
             runs[spec.source] = e
     outcome = runs[spec.source]
@@ -142,10 +145,15 @@ def _run(config, spec):
 
     from quantlab.pipeline import run
 
+    from quantlab.pipeline import RunInterrupted
+
     progress = config.getoption("quantlab_progress")
     if progress:
         logging.getLogger("quantlab").setLevel(logging.INFO)
-    return run(spec, use_cache=not config.getoption("quantlab_no_cache"), progress=progress)
+    try:
+        return run(spec, use_cache=not config.getoption("quantlab_no_cache"), progress=progress)
+    except RunInterrupted as e:
+        pytest.exit(str(e), returncode=130)   # one line, no traceback, the shell's code for Ctrl-C
 
 
 def out_dir(config, spec) -> Path:
@@ -178,15 +186,25 @@ def golden_root(spec) -> Path:
     return Path("golden") / spec.name
 
 
+def regenerating(config) -> bool:
+    """pytest-regressions' --force-regen or --regen-all: golden files are to be re-recorded."""
+    return bool(config.getoption("force_regen", False) or config.getoption("regen_all", False))
+
+
 def _check_fingerprint(request, spec, results) -> None:
-    """Refuse to compare against golden files recorded under another evaluation protocol."""
+    """Refuse to compare against golden files recorded under another evaluation protocol, or whose
+    protocol record is missing."""
     __tracebackhide__ = True
     from quantlab.files import write_json
 
-    path = golden_root(spec) / "fingerprint.json"
+    root = golden_root(spec)
+    path = root / "fingerprint.json"
     current = {"fingerprint": results["fingerprint"], "layers": layer_names(results)}
     current = json.loads(json.dumps(current))
-    if path.is_file() and not request.config.getoption("force_regen"):
+    if regenerating(request.config):
+        write_json(path, current)
+        return
+    if path.is_file():
         recorded = json.loads(path.read_text())
         if recorded != current:
             diffs = _differences(recorded, current)
@@ -194,6 +212,11 @@ def _check_fingerprint(request, spec, results) -> None:
                         f"protocol ({'; '.join(diffs[:5])}); these numbers are not comparable, so this is not "
                         f"reported as drift: re-record with --force-regen if the change is intended", pytrace=False)
         return
+    recorded_files = sorted(p.name for p in root.glob("*.csv")) if root.is_dir() else []
+    if recorded_files:
+        pytest.fail(f"{spec.source}: {path} is missing beside the golden files {', '.join(recorded_files)}, so the "
+                    "protocol they were recorded under is unknown; restore it (git checkout) or re-record all of "
+                    "them with --force-regen", pytrace=False)
     write_json(path, current)
 
 
@@ -232,6 +255,31 @@ def _nan(v):
     return float("nan") if v is None else float(v)
 
 
+def _recorded_columns(path: Path) -> list:
+    """The column names of a golden CSV (pytest-regressions writes an unnamed index column first)."""
+    if not path.is_file():
+        return []
+    header = path.read_text().splitlines()[:1]
+    return [c for c in header[0].split(",")[1:]] if header else []
+
+
+def _stale_columns(config, spec, path: Path, data: dict, what: str) -> Optional[str]:
+    """A golden column no current scheme fills is never compared (pytest-regressions ignores extra
+    columns): say so, or drop the file under a regen so it is re-recorded without it."""
+    stale = [c for c in _recorded_columns(path) if c not in data]
+    if not stale:
+        return None
+    if regenerating(config):
+        path.unlink()
+        return None
+    gone = [c for c in stale if c not in spec.schemes]
+    if gone:
+        return (f"{what}: scheme {', '.join(gone)} is in the golden file {path.name} but not in the spec; "
+                "re-record with --force-regen")
+    return (f"{what}: {', '.join(stale)} recorded a value in {path.name} but measure none now (null); fix the "
+            "scheme, or re-record with --force-regen if that is intended")
+
+
 def _golden_metrics_test(spec):
     def test_golden_metrics(request, tmp_path):
         __tracebackhide__ = True
@@ -240,11 +288,19 @@ def _golden_metrics_test(spec):
         num_regression, results = _golden_inputs(request, tmp_path, spec)
         failures = []
         for metric in spec.golden.metrics:
-            data = {scheme: [_nan(metric_value(results, scheme, metric))] for scheme in spec.schemes}
+            path = golden_root(spec) / f"{metric}.csv"
+            # Only what was measured is recorded: a null would be compared as NaN == NaN, never failing.
+            values = {scheme: metric_value(results, scheme, metric) for scheme in spec.schemes}
+            data = {scheme: [float(v)] for scheme, v in values.items() if v is not None}
+            stale = _stale_columns(request.config, spec, path, data, metric)
+            if stale:
+                failures.append((True, stale))
+                continue
+            if not data:
+                continue
             tolerance = {**spec.golden.default_tolerance, **spec.golden.tolerances.get(metric, {})}
             try:
-                num_regression.check(data, fullpath=golden_root(spec) / f"{metric}.csv",
-                                     default_tolerance=tolerance)
+                num_regression.check(data, fullpath=path, default_tolerance=tolerance)
             except (AssertionError, pytest.fail.Exception) as e:  # drift, or a file (re)written: check them all
                 failures.append((isinstance(e, AssertionError), f"{metric} (tolerance {tolerance}):\n{e}"))
         if failures:
@@ -261,11 +317,18 @@ def _golden_layers_test(spec):
         metric = spec.golden.layers["metric"]
         tolerance = {k: v for k, v in spec.golden.layers.items() if k in ("rtol", "atol")}
         names = layer_names(results)
-        data = {scheme: [_nan((r.get("layers") or {}).get(n, {}).get(metric)) for n in names]
-                for scheme, r in results["results"].items() if r.get("layers")}
+        path = golden_root(spec) / f"layers_{metric}.csv"
+        columns = {scheme: [(r.get("layers") or {}).get(n, {}).get(metric) for n in names]
+                   for scheme, r in results["results"].items()}
+        # Only schemes that measured the metric get a column (RTN without calibration has no rel_loss):
+        # an all-NaN column would be compared with equal_nan and could never fail.
+        data = {scheme: [_nan(v) for v in values] for scheme, values in columns.items()
+                if any(v is not None for v in values)}
+        stale = _stale_columns(request.config, spec, path, data, f"per-layer {metric}")
+        if stale:
+            pytest.fail(f"{spec.source}: {stale}", pytrace=False)
         try:
-            num_regression.check(data, fullpath=golden_root(spec) / f"layers_{metric}.csv",
-                                 default_tolerance={**spec.golden.default_tolerance, **tolerance})
+            num_regression.check(data, fullpath=path, default_tolerance={**spec.golden.default_tolerance, **tolerance})
         except AssertionError as e:
             rows = "\n".join(f"  row {i}: {n}" for i, n in enumerate(names))
             pytest.fail(f"{spec.source}: per-layer {metric} drifted beyond tolerance\n{e}\nrows:\n{rows}", pytrace=False)

@@ -206,10 +206,16 @@ class SchemeResult:
     health: tuple = ()                                 # HealthEvent, without scheme
     # the run
     workload: dict = field(default_factory=dict)       # quantlab.roofline.decode_workload of the model
+    versions: dict = field(default_factory=dict)       # the libraries that computed this result (cached ones too)
     wall_seconds: Optional[float] = None
+    # export (quantlab.export.servability_table): {"compressed_tensors": [ok, reason], "gguf": [ok, reason]}
+    servable: Optional[dict] = None
 
     def __post_init__(self):
         _normalise_floats(self)
+        if self.servable is not None:
+            # lists, as JSON reads them back, so a result equals itself read from results.json
+            object.__setattr__(self, "servable", {str(k): [bool(v[0]), str(v[1])] for k, v in self.servable.items()})
         object.__setattr__(self, "tasks", {k: v if isinstance(v, TaskResult) else TaskResult.from_json(v)
                                            for k, v in self.tasks.items()})
         object.__setattr__(self, "layers", {k: v if isinstance(v, LayerStats) else LayerStats.from_json(v)

@@ -13,7 +13,7 @@ def build_minigpt(seed: int = 0, *, n_layer: int = 2, n_head: int = 2, n_embd: i
                                       n_embd=n_embd)))
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def make_minigpt():
     """The factory ``build_minigpt(seed=0, n_layer=2, n_head=2, n_embd=32, block_size=64)``."""
     return build_minigpt
