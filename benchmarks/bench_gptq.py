@@ -5,7 +5,7 @@
     python benchmarks/bench_gptq.py --smollm2       # + the whole SmolLM2-135M pipeline (128 x 512 tokens)
 
 The solver's target is at most 2x the seconds of one 4096^3 float32 matmul, timed in the same process
-(the paper's reference implementation takes about 3.4x on the 2-core CPU, most of it in a per-column
+(the paper's reference formulation is timed beside it; it spends most of its time in a per-column
 Python loop and the explicit inverse of H). Each figure is the best of ``--repeats`` runs, solver and
 matmul interleaved, because on a shared machine the slowest runs measure the neighbours. Pipelines run
 in a child process each, so the peak memory printed (peak RSS) is that pipeline's alone.

@@ -80,7 +80,7 @@ class InputStatistics:
     does not grow with the calibration set. Float32, because float64 bought nothing measurable: on the
     trained MiniGPT (INT4 g64, 128 x 256 calibration tokens) it moved per-layer GPTQ rel_loss by under
     1.5%, in both directions (it does flip ~13% of codes from block 1 on: GPTQ amplifies float-level
-    differences, as DESIGN.md's measured facts warn).
+    differences, so GPTQ golden tolerances come from a measured spread: specs/minigpt/seeds.yaml).
     """
 
     def __init__(self, in_features: int):
@@ -124,7 +124,7 @@ def condition_number(H: torch.Tensor) -> Optional[float]:
     (about 4.5e15) rather than infinity, so results stay JSON numbers; a zero or non-finite H, None."""
     if not all_finite(H):
         return None
-    with torch_threads(1):   # measured: LAPACK's threaded eigvalsh is 2-16x slower on the busy 2-core CPU
+    with torch_threads(1):   # an eigendecomposition this small gains nothing from threads that wait on each other
         eigenvalues = torch.linalg.eigvalsh(H.to(torch.float64))
     largest = float(eigenvalues[-1])
     if largest <= 0:

@@ -15,15 +15,15 @@ it is rounded,
 
 R is the upper triangular factor of H itself, R = J chol(J H J) J (J reverses the order), so this needs
 one Cholesky factorisation of H where the paper's code needs a Cholesky, a full inverse and a second
-Cholesky; on the 2-core CPU the inverse alone costs about four 4096^3 matmuls. The rounding decisions
+Cholesky; the inverse alone costs several times an n^3 matmul (benchmarks/bench_gptq.py). The rounding decisions
 are the paper's, term for term. The same identity gives the loss for free:
 tr(D H D^T) = ||D R||^2 = sum_j ||(w_j - q_j) R[j, j] + G_j||^2.
 
 Lazy batch updates (the paper's Step 2): (*) is applied within a block of ``block_size`` columns one
 column at a time, and to all columns after the block once per block, as one matrix product. The
-rel_loss denominator tr(W H W^T) = ||W R||^2 is one more triangular product. On the shared 2-core
-CPU, a 4096 x 4096 weight at INT4 g128 takes 1.8x the seconds of one 4096^3 matmul (OMP_WAIT_POLICY=
-PASSIVE; 2.2-2.6x with spinning OpenMP threads); the paper's formulation, 3.6x (benchmarks/bench_gptq.py).
+rel_loss denominator tr(W H W^T) = ||W R||^2 is one more triangular product. benchmarks/bench_gptq.py
+times a 4096 x 4096 solve against one 4096^3 matmul in the same process, and the paper's formulation
+beside it.
 
 Groups: with dynamic groups (the default) a group's scales come from the error-updated weights at the
 moment the solver reaches its first column, i.e. the weights that minimise the loss given the columns
@@ -165,8 +165,8 @@ def all_finite(x: torch.Tensor) -> bool:
 @contextmanager
 def torch_threads(count: int):
     """Run the enclosed torch work on ``count`` threads, then restore the previous setting. For work
-    too small to split: on the busy 2-core CPU, OpenMP threads spinning while they wait for each other
-    made the per-column loop 15x slower on two threads than on one (measured)."""
+    too small to split: threads that spin while they wait for each other cost more than the work they
+    share, most of all on a loaded machine (benchmarks/bench_gptq.py measures the per-column loop)."""
     previous = torch.get_num_threads()
     torch.set_num_threads(count)
     try:
@@ -231,8 +231,8 @@ def _upper_factor(H: torch.Tensor, damp: float, health: list):
 
 def _triangular_weighted_norm(W: torch.Tensor, R: torch.Tensor, chunk: int = 512) -> float:
     """||W R||^2 = tr(W R R^T W^T) for upper triangular R, a chunk of columns of W R at a time so the
-    zeros below R's diagonal cost nothing: half a full (out, n, n) product. (512 columns: on the 2-core
-    CPU twice as fast as 128-column chunks, with no gain beyond.)"""
+    zeros below R's diagonal cost nothing: half a full (out, n, n) product. (512-column chunks: large
+    enough for an efficient matmul, small enough that the wasted lower triangle stays small.)"""
     n = W.shape[1]
     total = 0.0
     for c1 in range(0, n, chunk):

@@ -49,7 +49,36 @@ def test_run_writes_results_and_reports_failed_assertions(tmp_path, capsys, monk
     assert (tmp_path / "out" / "tiny" / "pareto.png").stat().st_size > 1000
 
 
-@pytest.mark.parametrize("command, expected", [("models", "smollm2-135m"), ("datasets", "shakespeare")])
+@pytest.mark.parametrize("command, expected", [("models", "smollm2-135m"), ("datasets", "shakespeare"),
+                                               ("datasets", "verb_tense")])
 def test_listing_commands_name_the_builtins(command, expected, capsys):
     assert main([command]) == 0
     assert expected in capsys.readouterr().out
+
+
+def test_run_fails_an_xfail_assertion_that_holds_as_pytest_does(tmp_path, capsys, monkeypatch):
+    # pytest turns a strict xfail that passes into a failure (XPASS(strict)); the CLI must agree.
+    monkeypatch.setenv("QUANTLAB_RESULTS_CACHE", str(tmp_path / "cache"))
+    spec = tmp_path / "tiny.yaml"
+    spec.write_text(TINY.replace('"<": -1}', '"<": 100, xfail: "not expected to hold yet"}')
+                    .replace('"==": 0}', '"==": 0}'))
+    status = main(["run", str(spec), "--out", str(tmp_path / "out"), "--quiet"])
+    out = capsys.readouterr().out
+    assert status == 1 and "XPASS(strict)" in out and "not expected to hold yet" in out
+
+
+def test_run_interrupted_by_ctrl_c_prints_one_line_and_exits_130(tmp_path, capsys, monkeypatch):
+    from quantlab.pipeline import SpecRun
+
+    monkeypatch.setenv("QUANTLAB_RESULTS_CACHE", str(tmp_path / "cache"))
+
+    def interrupted(self, spec, name):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(SpecRun, "_compute", interrupted)
+    spec = tmp_path / "tiny.yaml"
+    spec.write_text(TINY)
+    assert main(["run", str(spec), "--out", str(tmp_path / "out"), "--quiet"]) == 130
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "a rerun resumes" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()

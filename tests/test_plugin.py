@@ -123,3 +123,50 @@ def test_the_html_report_embeds_the_metrics_table_and_plots(project):
     assert "data:image/png;base64" in html
     assert (project.path / "out" / "tiny" / "results.json").is_file()
     assert (project.path / "out" / "tiny" / "manifest.json").is_file()
+
+
+def without_rtn_scheme(text):
+    """The spec with its int4-g64 scheme (and the grid assertion on it) removed."""
+    return "\n".join(line for line in text.splitlines()
+                     if not line.startswith("  int4-g64: ") and "check: grid" not in line) + "\n"
+
+
+def test_a_golden_column_of_a_removed_scheme_fails_until_a_regen_drops_it(project):
+    write_spec(project)
+    golden = project.path / "golden" / "tiny"
+    project.runpytest_subprocess("specs", "-k", "golden", "--force-regen")
+    write_spec(project, text=without_rtn_scheme(SPEC.format(gap_threshold=10.0)))
+    result = project.runpytest_subprocess("specs", "-k", "golden-metrics")
+    result.assert_outcomes(failed=1)
+    assert "scheme int4-g64 is in the golden file ppl.csv but not in the spec; re-record with --force-regen" in result.stdout.str()
+    project.runpytest_subprocess("specs", "-k", "golden-metrics", "--force-regen")
+    assert (golden / "ppl.csv").read_text().splitlines()[0] == ",fp32,int4-g64-gptq"
+    project.runpytest_subprocess("specs", "-k", "golden-metrics").assert_outcomes(passed=1)
+
+
+def test_golden_layer_files_record_only_the_schemes_that_measured_the_metric(project):
+    write_spec(project)
+    project.runpytest_subprocess("specs", "-k", "golden-layers", "--force-regen")
+    header = (project.path / "golden" / "tiny" / "layers_rtn_rel_loss.csv").read_text().splitlines()[0]
+    assert header == ",int4-g64-gptq"   # RTN without calibration has no Hessian, so no rtn_rel_loss
+
+
+def test_regen_all_re_records_the_fingerprint_like_force_regen(project):
+    write_spec(project)
+    project.runpytest_subprocess("specs", "-k", "golden", "--force-regen")
+    write_spec(project, text=SPEC.format(gap_threshold=10.0).replace("max_tokens: 2048", "max_tokens: 1024"))
+    project.runpytest_subprocess("specs", "-k", "golden", "--regen-all")
+    fingerprint = json.loads((project.path / "golden" / "tiny" / "fingerprint.json").read_text())["fingerprint"]
+    assert fingerprint["max_tokens"] == 1024
+    project.runpytest_subprocess("specs", "-k", "golden").assert_outcomes(passed=2)
+
+
+def test_a_deleted_fingerprint_beside_golden_files_is_refused_not_re_recorded(project):
+    write_spec(project)
+    golden = project.path / "golden" / "tiny"
+    project.runpytest_subprocess("specs", "-k", "golden", "--force-regen")
+    (golden / "fingerprint.json").unlink()
+    result = project.runpytest_subprocess("specs", "-k", "golden-metrics")
+    result.assert_outcomes(failed=1)
+    assert "fingerprint.json is missing beside the golden files" in result.stdout.str()
+    assert not (golden / "fingerprint.json").exists()
