@@ -62,6 +62,62 @@ def cmd_run(args) -> int:
     return status
 
 
+def cmd_export(args) -> int:
+    """Quantize one scheme of a spec exactly as ``quantlab run`` does and write it as a deployable
+    checkpoint. Servability is checked before anything is quantized or written."""
+    from quantlab import export
+    from quantlab.pipeline import SchemeCache, SpecRun
+    from quantlab.spec import SpecError, load_spec
+
+    try:
+        spec = load_spec(args.spec)
+    except SpecError as e:
+        print(f"error {e}", file=sys.stderr)
+        return 1
+    if args.scheme not in spec.schemes:
+        print(f"error: {args.spec} has no scheme {args.scheme!r}; defined: {', '.join(spec.schemes)}", file=sys.stderr)
+        return 2
+    cfg = spec.schemes[args.scheme]
+    # No result cache: an export needs the quantized weights themselves, which the cache never stores.
+    runner = SpecRun(spec, SchemeCache(None, enabled=False))
+    key = {export.COMPRESSED_TENSORS: "compressed_tensors", export.GGUF: "gguf"}[args.format]
+    ok, reason = export.servability_table(runner.model, {args.scheme: cfg})[args.scheme][key]
+    if not ok:
+        print(f"error: {args.scheme} of {spec.model} cannot be exported as {args.format}: {reason}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    if args.format == export.GGUF:
+        target = out / f"{args.scheme}.gguf"
+        if target.exists() and not args.overwrite:
+            print(f"error: {target} already exists; pass --overwrite or choose another --out", file=sys.stderr)
+            return 1
+    elif out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
+        print(f"error: {out} already exists and is not empty; pass --overwrite or choose another --out",
+              file=sys.stderr)
+        return 1
+    quantized = runner.quantize(spec, cfg)
+    try:
+        if args.format == export.GGUF:
+            info = export.export_gguf(quantized, target)
+        else:
+            info = export.export_compressed_tensors(quantized, out, overwrite=args.overwrite)
+    except (ValueError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    where = info.path.parent if args.format == export.GGUF else info.path
+    weights = ", ".join(f for f in info.files if f.endswith((".safetensors", ".gguf")))
+    bytes_total = quantized.bytes.get("bytes_total")
+    print(f"{where}")
+    print(f"  {'on disk':<12} {info.bytes_on_disk:>14,} B  {weights}")
+    if bytes_total is not None:
+        # Side by side, as they differ: the file also holds what the accounting leaves out (headers,
+        # metadata, shape tensors) and the kept float tensors (embeddings, norms, lm_head) in the module's
+        # own dtype, float32 for an hf: model, where the accounting counts them as float16.
+        ratio = info.bytes_on_disk / bytes_total
+        print(f"  {'bytes_total':<12} {bytes_total:>14,} B  quantlab's byte accounting (on disk {ratio:.3f}x)")
+    return 0
+
+
 def cmd_models(args) -> int:
     from quantlab.models import list_models
 
@@ -95,6 +151,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("validate", help="check specs without running them")
     p.add_argument("specs", nargs="+")
     p.set_defaults(func=cmd_validate)
+    p = sub.add_parser("export", help="quantize one scheme of a spec and write it as a deployable checkpoint")
+    p.add_argument("spec", help="spec file")
+    p.add_argument("--scheme", required=True, help="the scheme to export (a name under the spec's schemes)")
+    p.add_argument("--out", required=True, help="output folder: the model directory (compressed-tensors), "
+                                                "or the folder that receives SCHEME.gguf (gguf)")
+    p.add_argument("--format", choices=["compressed-tensors", "gguf"], default="compressed-tensors")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing export")
+    p.set_defaults(func=cmd_export)
     sub.add_parser("models", help="list the models quantlab can load").set_defaults(func=cmd_models)
     sub.add_parser("datasets", help="list the datasets and tasks").set_defaults(func=cmd_datasets)
     return parser

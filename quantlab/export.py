@@ -92,6 +92,50 @@ def servability(scheme: Union[Scheme, FloatScheme], model, format: str = COMPRES
     return True, ""
 
 
+SERVABILITY_KEYS = {"compressed_tensors": COMPRESSED_TENSORS, "gguf": GGUF}   # results.json key -> format
+
+
+def servability_table(model, schemes: dict) -> dict:
+    """{scheme name: {"compressed_tensors": (ok, reason), "gguf": (ok, reason)}} for ``model`` under each
+    scheme, ready to store as each SchemeResult's ``servable`` (the report's "servable" column reads it;
+    the report cannot load models, so the verdict is recorded when the model is at hand).
+
+    ``schemes`` maps names to quant.Scheme / FloatScheme, or to anything with ``quant_scheme()`` (a
+    spec's SchemeConfig). Only the layout is judged; act-order groups (g_idx), which GGUF and asymmetric
+    compressed-tensors refuse at export time, are judged from a SchemeConfig's ``method``, ``act_order``
+    and ``static_groups`` (GPTQ with act-order and dynamic groups writes g_idx); a bare Scheme has none."""
+    table = {}
+    for name, scheme in schemes.items():
+        quant = scheme.quant_scheme() if hasattr(scheme, "quant_scheme") else scheme
+        verdicts = {}
+        for key, fmt in SERVABILITY_KEYS.items():
+            ok, reason = servability(quant, model, format=fmt)
+            if ok and _writes_g_idx(scheme, quant):
+                ok, reason = _g_idx_servability(quant, fmt)
+            verdicts[key] = (ok, reason)
+        table[name] = verdicts
+    return table
+
+
+def _writes_g_idx(config, scheme) -> bool:
+    # quantlab.gptq records g_idx only for act-order with dynamic groups (it drops it when the order
+    # happens to be the natural one, which is data-dependent: counted as written).
+    return (getattr(config, "method", None) == "gptq" and bool(getattr(config, "act_order", False))
+            and not getattr(config, "static_groups", False) and isinstance(scheme, Scheme)
+            and scheme.granularity == "group")
+
+
+def _g_idx_servability(scheme: Scheme, format: str) -> tuple[bool, str]:
+    """The export-time refusals of act-order groups (g_idx), said before quantizing."""
+    if format == GGUF:
+        return False, ("GGUF blocks are consecutive columns: act-order groups (g_idx) cannot be stored; "
+                       "quantize with static_groups: true or act_order: false")
+    if not scheme.symmetric:
+        return False, ("transformers cannot load asymmetric weights with weight_g_idx; "
+                       "quantize with symmetric: true, static_groups: true or act_order: false")
+    return True, ""
+
+
 def _transformers_architecture(model) -> tuple[bool, str]:
     from transformers import PreTrainedModel
 

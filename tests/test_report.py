@@ -291,3 +291,44 @@ def test_html_section_embeds_images_as_data_uris_and_escapes_names(seven, tmp_pa
     section = report.html_section(results, images)
     assert 'src="data:image/png;base64,' in section
     assert "<script>" not in section and "&lt;script&gt;" in section
+
+
+# ---------------------------------------------------------------------------------------------
+# The "servable" column (export.servability_table, recorded per scheme by the pipeline)
+
+
+def test_servable_column_says_yes_no_with_the_reason_or_a_dash_when_not_recorded(minigpt):
+    both = {"compressed_tensors": (True, ""), "gguf": (True, "")}
+    ct_only = {"compressed_tensors": (True, ""),
+               "gguf": (False, "GGUF export covers llama, not 'qwen2'; export compressed-tensors instead")}
+    neither = {"compressed_tensors": (False, "float32 is a float scheme: there are no integer codes to pack; save it"),
+               "gguf": (False, "float32 is a float scheme: there are no integer codes to pack; save it")}
+    base = make_results(minigpt, {"fp32": 10.0, "int4-g64": 15.0, "int4-g128": 16.0}, layers=False, sweep=False)
+    results = RunResult.from_json({**base.to_json(), "results": {
+        "fp32": SchemeResult(**{**base.results["fp32"].to_json(), "servable": neither}),
+        "int4-g64": SchemeResult(**{**base.results["int4-g64"].to_json(), "servable": both}),
+        "int4-g128": SchemeResult(**{**base.results["int4-g128"].to_json(), "servable": ct_only})}})
+    header, rows = page.metrics_rows(results)
+    cells = {row[0]: row[header.index("servable")] for row in rows}
+    assert cells == {"fp32": "no: float32 is a float scheme", "int4-g64": "yes",
+                     "int4-g128": "yes (compressed-tensors)"}
+    assert results["results"]["int4-g64"]["servable"] == {"compressed_tensors": [True, ""], "gguf": [True, ""]}
+    header, rows = page.metrics_rows(base)   # recorded nowhere: a dash, never a guess
+    assert {row[header.index("servable")] for row in rows} == {page.MISSING}
+
+
+def test_servable_reasons_are_cut_to_their_first_clause_and_a_bounded_length():
+    long = "x" * 100 + "; use bits: 4"
+    cell = page.servable_cell({"compressed_tensors": [False, long], "gguf": [False, "other"]})
+    assert cell.startswith("no: x") and len(cell) == len("no: ") + page.SHORT_REASON and cell.endswith("…")
+    assert page.servable_cell({"gguf": [False, "INT3 has no kernel (it takes 4 or 8 bits); use 4"]}) == \
+        "no: INT3 has no kernel"
+    assert page.servable_cell(None) == page.servable_cell({}) == page.MISSING
+
+
+def test_write_report_files_also_writes_the_lm_eval_document(written):
+    doc = json.loads(written["lm_eval"].read_text())
+    assert written["lm_eval"].name == "results_lm_eval.json"
+    assert written["lm_eval"].parent == written["results"].parent
+    assert doc["results"]["verb_tense@int4-g64-gptq"]["acc,none"] == pytest.approx(0.6)
+    assert "quantlab_token_perplexity,none" in doc["results"]["quantlab_perplexity@fp32"]

@@ -25,6 +25,7 @@ from pathlib import Path
 from quantlab.analysis import (dominator, gap_of, is_number, pareto_frontier, same_grid_rtn, scheme_meta, scheme_method,
                                scheme_order, scheme_results, usable)
 from quantlab.files import write_json, write_text
+from quantlab.lm_eval_format import lm_eval_results
 from quantlab.report.plots import PLOT_CAPTIONS, PLOTS, decode_points, machine_ceilings, make_plots
 from quantlab.report.provenance import manifest
 from quantlab.results import jsonable
@@ -74,7 +75,7 @@ def metrics_rows(results) -> tuple:
     tasks = _task_names(results)
     frontier = set(pareto_frontier(results))
     header = ["scheme", "method", "ppl", "ppl gap", "KLD", "top-1", *[f"{t} acc" for t in tasks],
-              "NaNs", "bytes", "bits/weight", "frontier"]
+              "NaNs", "bytes", "bits/weight", "frontier", "servable"]
     rows = []
     for s in scheme_order(results):
         r = scheme_results(results)[s]
@@ -90,8 +91,42 @@ def metrics_rows(results) -> tuple:
             str(r["nan_count"]) if is_number(r.get("nan_count")) else MISSING,
             _fmt_bytes(r.get("bytes_total")), _fmt_num(r.get("bits_per_weight"), 3),
             "yes" if s in frontier else "",
+            servable_cell(r.get("servable")),
         ])
     return header, rows
+
+
+SERVABLE_FORMATS = {"compressed_tensors": "compressed-tensors", "gguf": "GGUF"}
+SHORT_REASON = 48   # characters of a refusal kept in the table cell
+
+
+def servable_cell(servable) -> str:
+    """The "servable" cell from a scheme's ``servable`` entry ({format: [ok, reason]}, see
+    export.servability_table): "yes" when every format takes it, "yes (compressed-tensors)" when only
+    some do, "no: <first clause of the reason>" when none does, and a dash when it was not recorded."""
+    if not isinstance(servable, dict) or not servable:
+        return MISSING
+    verdicts = {name: (bool(v[0]), str(v[1] or "")) for name, v in servable.items()
+                if isinstance(v, (list, tuple)) and len(v) == 2}
+    if not verdicts:
+        return MISSING
+    ok = [name for name, (yes, _) in verdicts.items() if yes]
+    if len(ok) == len(verdicts):
+        return "yes"
+    if ok:
+        return "yes (" + ", ".join(SERVABLE_FORMATS.get(name, name) for name in ok) + ")"
+    # Every format refuses: give compressed-tensors' reason, as it covers more models than GGUF.
+    _, reason = verdicts.get("compressed_tensors") or next(iter(verdicts.values()))
+    return "no: " + _short_reason(reason)
+
+
+def _short_reason(reason: str) -> str:
+    """The reason's first clause (up to ':', ';' or ' (') and at most SHORT_REASON characters: the table
+    names the cause; the fix is in export.servability's full sentence."""
+    for mark in (": ", "; ", " ("):
+        reason = reason.split(mark, 1)[0]
+    reason = reason.strip() or "not servable"
+    return reason if len(reason) <= SHORT_REASON else reason[: SHORT_REASON - 1].rstrip() + "…"
 
 
 def metrics_table_text(results) -> str:
@@ -285,18 +320,20 @@ def html_section(results, images: dict, memory_budget_bytes=None, machine=None) 
 
 
 def write_report_files(results, out_dir, which=None, machine=None, memory_budget_bytes=None) -> dict:
-    """Write out_dir/results.json, manifest.json, the plots and report.html (a standalone page).
+    """Write out_dir/results.json, results_lm_eval.json (the same run as lm-evaluation-harness's results
+    document, see quantlab.lm_eval_format), manifest.json, the plots and report.html (a standalone page).
 
     The manifest is ``results["manifest"]`` when the run recorded one, else built now from the
     spec name, hash and seed, keeping the run's recorded versions and machine if present.
-    Returns {"results", "manifest", "html", and each plot's name: Path}.
+    Returns {"results", "lm_eval", "manifest", "html", and each plot's name: Path}.
     """
     out_dir = Path(out_dir)
     names = PLOTS if which is None else tuple(which)
     machine = machine_ceilings(results, machine)
     if machine is None and "roofline" in names and decode_points(results):
         machine = measure_machine()  # measured once, so the plot and the sentences agree
-    paths = {"results": write_json(out_dir / "results.json", results)}
+    paths = {"results": write_json(out_dir / "results.json", results),
+             "lm_eval": write_json(out_dir / "results_lm_eval.json", lm_eval_results(results))}
     run_manifest = results.get("manifest")
     if not run_manifest:
         run_manifest = manifest(results.get("spec"), results.get("spec_sha256"), results.get("seed"))
