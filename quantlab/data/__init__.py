@@ -11,8 +11,10 @@ the same corpus serves byte-level MiniGPT and any Hugging Face tokenizer alike.
 """
 from __future__ import annotations
 
+import difflib
 import json
 from pathlib import Path
+from typing import Optional
 
 from quantlab.data.samplers import calibration_windows
 from quantlab.data.shakespeare import plays, shakespeare_split
@@ -45,6 +47,47 @@ def list_datasets() -> dict[str, str]:
 
 def list_tasks() -> dict[str, str]:
     return dict(_TASKS)
+
+
+def dataset_problem(dataset) -> Optional[str]:
+    """Why ``load_text(dataset)`` would fail, without reading any text (None: the name is fine and any
+    file it names exists). Paths are relative to the directory quantlab runs in, as in load_text."""
+    if not isinstance(dataset, str):
+        return f"a dataset is a name or text:PATH / jsonl:PATH#field, got {dataset!r}"
+    if dataset in ("shakespeare", "verbs"):
+        return None
+    if dataset.startswith("text:"):
+        path = Path(dataset[len("text:"):])
+        if path.is_file() or (path.is_dir() and any(p.is_file() for p in path.rglob("*.txt"))):
+            return None
+        return (f"text corpus {str(path)!r} is not a file or a folder of .txt files (paths are relative to the "
+                "directory quantlab runs in); fix the path")
+    if dataset.startswith("jsonl:"):
+        path, _, field = dataset[len("jsonl:"):].rpartition("#")
+        if not path or not field:
+            return f"dataset {dataset!r} names no field; write it as jsonl:PATH#field, e.g. jsonl:data.jsonl#text"
+        if not Path(path).is_file():
+            return (f"jsonl corpus {path!r} does not exist (paths are relative to the directory quantlab runs in); "
+                    "fix the path in jsonl:PATH#field")
+        return None
+    close = difflib.get_close_matches(dataset, ["shakespeare", "verbs"], n=1)
+    hint = f"did you mean {close[0]!r}?" if close else f"use one of {', '.join(_DATASETS)}"
+    return f"unknown dataset {dataset!r}; {hint}"
+
+
+def task_problem(name) -> Optional[str]:
+    """Why ``load_task(name)`` would fail, without reading the items (None: fine)."""
+    if name == "verb_tense":
+        return None
+    if isinstance(name, str) and name.startswith("jsonl:"):
+        path = name[len("jsonl:"):]
+        if Path(path).is_file():
+            return None
+        return (f"task file {path!r} does not exist (paths are relative to the directory quantlab runs in); "
+                "fix the path in jsonl:PATH")
+    close = difflib.get_close_matches(str(name), ["verb_tense"], n=1)
+    hint = f"did you mean {close[0]!r}?" if close else f"use one of {', '.join(_TASKS)}"
+    return f"unknown task {name!r}; {hint}"
 
 
 def load_text(dataset: str, split: str = "train") -> str:

@@ -6,7 +6,9 @@ takes a while to load). Callers must treat it as read-only: quantization deep-co
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
+from typing import Optional
 
 from quantlab.models.base import LanguageModel
 
@@ -67,6 +69,42 @@ def model_checksum(name_or_uri: str) -> str:
     from quantlab.models.gguf import SMOLLM2_135M
 
     return SMOLLM2_135M.sha256
+
+
+# The longest window each model reads, known without loading weights (spec validation asks before any
+# run). MiniGPT's is in its committed config.json; SmolLM2-135M's is its published
+# max_position_embeddings, stated here because reading the GGUF header would need the download.
+SMOLLM2_135M_CONTEXT = 8192
+HF_CONTEXT_KEYS = ("max_position_embeddings", "max_seq_len", "n_positions")
+
+
+def context_length(name_or_uri: str) -> Optional[int]:
+    """The model's context length in tokens, read from config files only (no weights, no download);
+    None when an `hf:` config states none (ALiBi models read any length). Raises ValueError for an
+    unknown name, FileNotFoundError for a missing `hf:` directory or config.json."""
+    if name_or_uri.startswith(HF_PREFIX):
+        config = hf_path(name_or_uri) / "config.json"
+        if not config.is_file():
+            raise FileNotFoundError(f"{name_or_uri}: {config} does not exist; hf:PATH needs a Hugging Face "
+                                    "model directory with config.json, weights and tokenizer files")
+        values = _json_object(config)
+        return next((int(values[k]) for k in HF_CONTEXT_KEYS if isinstance(values.get(k), int) and values[k] > 0), None)
+    check_known(name_or_uri)
+    if name_or_uri == "minigpt-shakespeare":
+        from quantlab.models.minigpt import CHECKPOINT_DIR
+
+        return int(_json_object(CHECKPOINT_DIR / name_or_uri / "config.json")["config"]["block_size"])
+    return SMOLLM2_135M_CONTEXT
+
+
+def _json_object(path: Path) -> dict:
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not readable JSON ({e}); fix or regenerate it") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{path} is not a JSON object; fix or regenerate it")
+    return values
 
 
 def check_known(name: str) -> None:

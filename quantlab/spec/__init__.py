@@ -1,11 +1,12 @@
 """YAML experiment specs: ``located`` reads YAML with line marks, ``schema`` validates a spec into
-dataclasses, ``checks`` is the assertion language. What the rest of quantlab and users import:"""
+dataclasses (``schemes`` its schemes, ``references`` what it names outside itself: model, data, tasks,
+folders), ``checks`` is the assertion language. What the rest of quantlab and users import:"""
 from quantlab.spec.checks import CHECKS, OPERATORS, Expectation, Outcome, check, metric_value
 from quantlab.spec.located import SpecError, read_yaml
-from quantlab.spec.schema import (DEFAULT_KEEP, PLOTS, SWEEPABLE, CalibrationConfig, EvaluationConfig, GoldenConfig,
+from quantlab.spec.schema import (DEFAULT_KEEP, MARKERS, PLOTS, SCHEME_METHODS, SWEEPABLE, CalibrationConfig, EvaluationConfig, GoldenConfig,
                                   ReportConfig, SchemeConfig, Spec, as_spec, load_spec, parse_size, parse_spec,
                                   spec_name_for)
 
 __all__ = ["CHECKS", "OPERATORS", "Expectation", "Outcome", "check", "metric_value", "SpecError", "read_yaml",
-           "DEFAULT_KEEP", "PLOTS", "SWEEPABLE", "CalibrationConfig", "EvaluationConfig", "GoldenConfig",
+           "DEFAULT_KEEP", "MARKERS", "PLOTS", "SCHEME_METHODS", "SWEEPABLE", "CalibrationConfig", "EvaluationConfig", "GoldenConfig",
            "ReportConfig", "SchemeConfig", "Spec", "as_spec", "load_spec", "parse_size", "parse_spec", "spec_name_for"]

@@ -6,17 +6,23 @@ YAML item into ``Expectation`` objects (one per scheme, ``*`` expanded) or raise
 its ``evaluate`` turns an expectation and a run's results (the results.json shape) into an ``Outcome``
 whose message is one line: what was measured, against what, by how much. Adding a check is adding a
 class to ``CHECKS``.
+
+A check that is true (or false) by construction is refused when the spec is loaded, with why: a metric
+the spec never computes (``metric_unavailable``), a sweep check on a scheme the sweep cannot move (RTN
+and float schemes draw no calibration data, so every sweep point reuses one result), a monotone check
+over seeds (seeds are labels, not sizes), a Pareto frontier of one scheme, a health check on a scheme
+that never calibrates, a grid check on a float scheme, a spread bound below zero.
 """
 from __future__ import annotations
 
-import difflib
 import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from quantlab.analysis import pareto_frontier
 from quantlab.metrics import METRICS, is_metric, resolve, unknown_metric_hint
-from quantlab.spec.located import Ctx, LocatedList, SpecError, check_keys, get_value
+from quantlab.spec.located import Ctx, LocatedList, SpecError, check_keys, get_value, number
+from quantlab.spec.view import A_METHOD, SpecView, check_metric, scheme_names  # noqa: F401
 
 OPERATORS = {"<": lambda a, b: a < b, "<=": lambda a, b: a <= b, ">": lambda a, b: a > b,
              ">=": lambda a, b: a >= b, "==": lambda a, b: a == b, "!=": lambda a, b: a != b}
@@ -52,30 +58,8 @@ class Outcome:
     measured: Any = None
 
 
-@dataclass
-class SpecView:
-    """What a check may know of the spec while parsing: its schemes and its sweep."""
-
-    schemes: dict                  # name -> SchemeConfig
-    sweep: Optional[tuple]         # (dotted key, values) or None
-
-
 def fmt(v) -> str:
     return f"{v:.6g}" if isinstance(v, float) else str(v)
-
-
-def scheme_names(item, key, ctx: Ctx, schemes: dict, allow_star=True) -> list:
-    """The scheme names an assertion's ``key`` lists (``*``: all), each checked to be defined."""
-    value = item.get(key)
-    if value == "*" and allow_star:
-        return list(schemes)
-    names = value if isinstance(value, list) else [value]
-    for n in names:
-        if n not in schemes:
-            close = difflib.get_close_matches(str(n), list(schemes), n=1)
-            hint = f"did you mean {close[0]!r}?" if close else f"defined schemes: {', '.join(schemes)}"
-            raise ctx.error(f"{key} {n!r} is not defined under schemes; {hint}", key)
-    return names
 
 
 def metric_value(results, scheme: str, metric: str):
@@ -113,16 +97,23 @@ class Compare(Check):
             raise ctx.error("a metric assertion needs exactly one comparison: one of " + ", ".join(repr(o) for o in OPERATORS)
                             + " (quote it in YAML: '<': 0.15)")
         op, rhs = ops[0], item[ops[0]]
+        check_metric(item["metric"], ctx, spec)
         if isinstance(rhs, dict):
             rctx = Ctx(ctx.source, rhs)
             check_keys(rhs, {"metric", "scheme", "times", "plus"}, rctx, "a comparison against another scheme")
             if not is_metric(rhs.get("metric")):
                 raise rctx.error(f"unknown metric {rhs.get('metric')!r} on the right-hand side", "metric")
+            check_metric(rhs["metric"], rctx, spec)
+            if "scheme" not in rhs:
+                raise rctx.error("a comparison against another scheme needs scheme, e.g. {metric: ppl, scheme: fp32}")
             scheme_names(rhs, "scheme", rctx, spec.schemes, allow_star=False)
-            rhs = {"metric": rhs["metric"], "scheme": rhs["scheme"], "times": float(rhs.get("times", 1.0)),
-                   "plus": float(rhs.get("plus", 0.0))}
+            rhs = {"metric": rhs["metric"], "scheme": rhs["scheme"],
+                   "times": number(rhs.get("times", 1.0), rctx, "times", "times"),
+                   "plus": number(rhs.get("plus", 0.0), rctx, "plus", "plus")}
         elif isinstance(rhs, bool) or not isinstance(rhs, (int, float)):
             raise ctx.error(f"the threshold after {op!r} must be a number or {{metric, scheme}}, got {rhs!r}", op)
+        else:
+            number(rhs, ctx, op, f"the threshold after {op!r}")
         return [Expectation(self.name, ctx.line(), s, item["metric"], op, rhs, xfail=xfail)
                 for s in scheme_names(item, "scheme", ctx, spec.schemes)]
 
@@ -159,8 +150,13 @@ class Grid(Check):
         if not (isinstance(rng, list) and len(rng) == 2 and all(isinstance(v, int) for v in rng)):
             raise ctx.error("check: grid needs range: [min, max] of integer codes, e.g. [-7, 7]", "range")
         names = scheme_names(item, "scheme", ctx, spec.schemes)
-        return [Expectation(self.name, ctx.line(), s, options={"range": list(rng)}, xfail=xfail)
-                for s in names if spec.schemes[s].method != "float" or item.get("scheme") != "*"]
+        if item.get("scheme") == "*":
+            names = [s for s in names if spec.schemes[s].method != "float"]
+        for s in names:
+            if spec.schemes[s].method == "float":
+                raise ctx.error(f"check: grid on {s!r}, a float scheme: it has no integer codes to check; "
+                                "name an integer scheme", "scheme")
+        return [Expectation(self.name, ctx.line(), s, options={"range": list(rng)}, xfail=xfail) for s in names]
 
     def evaluate(self, exp, results):
         codes = results["results"][exp.scheme].get("codes")
@@ -180,6 +176,9 @@ class ParetoFrontier(Check):
 
     def parse(self, item, ctx, spec, xfail):
         check_keys(item, self.keys, ctx, "check: pareto_frontier")
+        if len(spec.schemes) < 2:
+            raise ctx.error("check: pareto_frontier needs at least two schemes in the spec: a frontier of one scheme "
+                            "always holds it; add schemes to compare against", "check")
         names = scheme_names(item, "schemes", ctx, spec.schemes)
         # Schemes whose perplexities differ by less than ppl_rtol are equally good: FP16 or INT8 landing
         # 0.01% below FP32 by rounding luck does not push FP32 off the frontier.
@@ -204,11 +203,23 @@ class Health(Check):
 
     def parse(self, item, ctx, spec, xfail):
         check_keys(item, self.keys, ctx, "check: health")
-        opts = {"max_damp": get_value(item, "max_damp", float, None, ctx, "check: health"),
+        opts = {"max_damp": get_value(item, "max_damp", float, None, ctx, "check: health", check=lambda v: v > 0,
+                                      fix="max_damp bounds the damping GPTQ may raise to, e.g. 0.1"),
                 "allow_rtn_fallback": get_value(item, "allow_rtn_fallback", bool, False, ctx, "check: health"),
                 "require_calibration_tokens": get_value(item, "require_calibration_tokens", bool, True, ctx, "check: health")}
         names = [s for s in scheme_names(item, "scheme", ctx, spec.schemes)
                  if spec.schemes[s].method == "gptq" or item.get("scheme") != "*"]
+        for s in names:
+            cfg = spec.schemes[s]
+            if cfg.method != "gptq":
+                raise ctx.error(f"check: health on {s!r}, {A_METHOD[cfg.method]} scheme, always holds: only GPTQ calibrates, "
+                                "falls back to RTN or raises damping; name a method: gptq scheme", "scheme")
+            if opts["max_damp"] is not None and opts["max_damp"] < cfg.damp:
+                raise ctx.error(f"max_damp {opts['max_damp']:g} is below the damp {cfg.damp:g} that {s!r} starts from, "
+                                f"so the check always fails; use max_damp >= {cfg.damp:g}", "max_damp")
+        if not names:
+            raise ctx.error("check: health with scheme '*' found no method: gptq scheme to check; add one or drop it",
+                            "scheme")
         return [Expectation(self.name, ctx.line(), s, options=opts, xfail=xfail) for s in names]
 
     def evaluate(self, exp, results):
@@ -231,8 +242,13 @@ class Health(Check):
                              + (f", damping stayed <= {max_damp:g}" if max_damp is not None else ""), [])
 
 
+HELDOUT_METRICS = ("mean_heldout_rel_loss", "quantize_seconds")   # what calibration.heldout_samples changes
+
+
 class _OverSweep(Check):
     """What monotone and spread share: a metric of one scheme read at every value of the spec's sweep."""
+
+    constant = ""   # what the check is on a series that never moves
 
     def _parse_common(self, item, ctx, spec) -> dict:
         check_keys(item, self.keys, ctx, f"check: {self.name}")
@@ -244,7 +260,23 @@ class _OverSweep(Check):
             raise ctx.error(f"over: {over!r} does not match the spec's sweep key {spec.sweep[0]!r}", "over")
         if not is_metric(item.get("metric")):
             raise ctx.error(f"check: {self.name} needs metric, one of {', '.join(METRICS)}", "metric")
+        check_metric(item["metric"], ctx, spec)
+        if over == "calibration.heldout_samples" and item["metric"] not in HELDOUT_METRICS:
+            raise ctx.error(f"{item['metric']} does not depend on calibration.heldout_samples (held-out windows are only "
+                            f"measured, never fitted): over this sweep use {' or '.join(HELDOUT_METRICS)}", "metric")
         return {"over": over}
+
+    def schemes(self, item, ctx, spec) -> list:
+        """The schemes the sweep moves: '*' keeps those, a named one that it cannot move is refused."""
+        names = scheme_names(item, "scheme", ctx, spec.schemes)
+        if item.get("scheme") == "*":
+            names = [s for s in names if spec.moved_by_sweep(s, item["metric"])]
+        for s in names:
+            if not spec.moved_by_sweep(s, item["metric"]):
+                raise ctx.error(f"check: {self.name} of {s!r} over {spec.sweep[0]} is {self.constant} by construction: "
+                                f"{A_METHOD[spec.schemes[s].method]} scheme draws no calibration data, so every sweep point "
+                                "reuses one result; name a method: gptq scheme", "scheme")
+        return names
 
     @staticmethod
     def series(exp: Expectation, results):
@@ -261,14 +293,22 @@ class Monotone(_OverSweep):
     name = "monotone"
     keys = frozenset({"check", "metric", "scheme", "over", "xfail", "direction", "slack"})
 
+    constant = "true"
+
     def parse(self, item, ctx, spec, xfail):
         opts = self._parse_common(item, ctx, spec)
+        if opts["over"] == "seed":
+            raise ctx.error("check: monotone over seed compares unrelated draws (a seed is a label, not a size); "
+                            "use check: spread over a seed sweep", "check")
+        if list(spec.sweep[1]) != sorted(spec.sweep[1]):
+            raise ctx.error(f"check: monotone reads the sweep in the order written; list the {opts['over']} values in "
+                            f"increasing order, e.g. {sorted(spec.sweep[1])}", "check")
         opts["direction"] = get_value(item, "direction", str, "decreasing", ctx, "check: monotone",
                                       check=lambda v: v in ("decreasing", "increasing"), fix="use decreasing or increasing")
         opts["slack"] = get_value(item, "slack", float, 0.0, ctx, "check: monotone",
                                   check=lambda v: v >= 0, fix="slack is a relative tolerance >= 0")
         return [Expectation(self.name, ctx.line(), s, item["metric"], options=opts, xfail=xfail)
-                for s in scheme_names(item, "scheme", ctx, spec.schemes)]
+                for s in self.schemes(item, ctx, spec)]
 
     def evaluate(self, exp, results):
         xs, ys = self.series(exp, results)
@@ -295,13 +335,19 @@ class Spread(_OverSweep):
     name = "spread"
     keys = frozenset({"check", "metric", "scheme", "over", "xfail", "<=", "<"})
 
+    constant = "0"
+
     def parse(self, item, ctx, spec, xfail):
         opts = self._parse_common(item, ctx, spec)
         ops = [k for k in ("<=", "<") if k in item]
         if len(ops) != 1 or isinstance(item[ops[0]], bool) or not isinstance(item[ops[0]], (int, float)):
             raise ctx.error("check: spread needs one bound, e.g. '<=': 0.5 (max - min over the sweep)")
-        return [Expectation(self.name, ctx.line(), s, item["metric"], ops[0], float(item[ops[0]]), options=opts, xfail=xfail)
-                for s in scheme_names(item, "scheme", ctx, spec.schemes)]
+        bound = number(item[ops[0]], ctx, ops[0], f"the spread bound after {ops[0]!r}")
+        if bound < 0 or (bound == 0 and ops[0] == "<"):
+            raise ctx.error(f"spread {ops[0]} {bound:g} can never hold: a spread (max - min) is >= 0; "
+                            "use '<=' with a bound >= 0", ops[0])
+        return [Expectation(self.name, ctx.line(), s, item["metric"], ops[0], bound, options=opts, xfail=xfail)
+                for s in self.schemes(item, ctx, spec)]
 
     def evaluate(self, exp, results):
         xs, ys = self.series(exp, results)

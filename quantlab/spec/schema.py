@@ -4,30 +4,38 @@ A spec is data only. Every key is checked against the dataclasses below before a
 section's field types are read from the dataclass annotations, each dataclass checks its own values in
 ``__post_init__``, and every mistake is a one-line ``SpecError`` naming the file, the line and the fix:
 ``specs/minigpt/pareto.yaml:12: unknown key 'schemas' in the spec; did you mean 'schemes'?``
-The assertions under ``expect:`` are parsed by the checks in ``quantlab.spec.checks``.
+The assertions under ``expect:`` are parsed by the checks in ``quantlab.spec.checks``, the schemes by
+``quantlab.spec.schemes``; what a spec names outside itself (model, datasets, tasks, its name as a folder)
+is checked by ``quantlab.spec.references``, without loading weights or data. A spec that validates can
+run: nothing is refused later that could have been refused here.
 """
 from __future__ import annotations
 
 import copy
-import difflib
+import dataclasses
 import hashlib
 import math
 import re
-import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Optional
 
 from quantlab.accounting import KEEP_KINDS
-from quantlab.calibrate import METHODS
 from quantlab.metrics import LAYER_METRICS, is_metric, unknown_metric_hint
-from quantlab.quant import FLOAT_DTYPES, PRESETS, FloatScheme, Scheme
+from quantlab.spec import references
 from quantlab.spec.checks import SpecView, parse_expectations
-from quantlab.spec.located import (Ctx, Located, SpecError, check_keys, get_value, locate, plain, read_yaml)
+from quantlab.spec.located import (Ctx, Located, SpecError, check_keys, dataclass_from, field_types, get_value,  # noqa: F401
+                                   locate, plain, read_yaml)
+from quantlab.spec.schemes import SCHEME_METHODS, SchemeConfig, parse_schemes, preset_fields  # noqa: F401
 
 DEFAULT_KEEP = list(KEEP_KINDS)
 PLOTS = ("pareto", "accuracy", "calibration_size", "per_layer", "roofline")
 SWEEPABLE = ("calibration.samples", "calibration.seq_len", "calibration.heldout_samples", "seed")
+# The pytest markers a spec may put on its tests: pytest.ini's (real_model, slow) and the ones quantlab's
+# pytest plugin registers (quantlab_spec, real_model). An unregistered marker fails under --strict-markers
+# and is a typo otherwise; to add one, register it in pytest.ini's markers and list it here.
+MARKERS = ("real_model", "slow", "quantlab_spec")
+SEED_RANGE = (0, 2 ** 64 - 1)   # what torch.Generator.manual_seed accepts
 
 @dataclass
 class CalibrationConfig:
@@ -72,75 +80,6 @@ class EvaluationConfig:
 
 
 @dataclass
-class SchemeConfig:
-    """One scheme: a float dtype, or an integer grid plus the method that picks the codes."""
-
-    name: str
-    method: str = "rtn"
-    dtype: Optional[str] = None
-    bits: Optional[int] = None
-    group_size: Optional[int] = None
-    granularity: Optional[str] = None
-    symmetric: bool = True
-    grid: str = "restricted"
-    act_order: bool = False
-    static_groups: bool = False
-    damp: float = 0.01
-    block_size: int = 128
-
-    def __post_init__(self):
-        if self.dtype is not None:
-            if self.bits is not None:
-                raise ValueError(f"scheme {self.name!r} sets both dtype and bits; a scheme is either a float dtype or an integer grid")
-            self.method = "float"
-        elif self.bits is None:
-            raise ValueError(f"scheme {self.name!r} needs bits (integer grid) or dtype ({', '.join(FLOAT_DTYPES)})")
-        if self.method not in METHODS:
-            raise ValueError(f"scheme {self.name!r}: method must be rtn or gptq, got {self.method!r}")
-        if self.method == "float" and self.dtype is None:
-            raise ValueError(f"scheme {self.name!r}: method float needs dtype")
-        if self.method != "gptq" and (self.act_order or self.static_groups):
-            raise ValueError(f"scheme {self.name!r}: act_order/static_groups only apply to method: gptq")
-        if not 0 <= self.damp < 1:
-            raise ValueError(f"scheme {self.name!r}: damp must be in [0, 1), e.g. 0.01")
-        if self.block_size < 1:
-            raise ValueError(f"scheme {self.name!r}: block_size must be >= 1, e.g. 128")
-        self.quant_scheme()  # validates bits/granularity/group_size with the quantizer's own rules
-
-    def quant_scheme(self):
-        if self.dtype is not None:
-            return FloatScheme(self.dtype)
-        return Scheme(self.bits, group_size=self.group_size, granularity=self.granularity,
-                      symmetric=self.symmetric, grid=self.grid)
-
-    @property
-    def needs_calibration(self) -> bool:
-        return self.method == "gptq"
-
-    def describe(self) -> dict:
-        d = {"method": self.method, "scheme": self.quant_scheme().describe()}
-        if self.dtype is None:
-            d.update(bits=self.bits, group_size=self.group_size, granularity=self.quant_scheme().granularity,
-                     symmetric=self.symmetric, grid=self.grid)
-        if self.method == "gptq":
-            d.update(act_order=self.act_order, static_groups=self.static_groups, damp=self.damp, block_size=self.block_size)
-        return d
-
-
-SCHEME_KEYS = {f.name for f in fields(SchemeConfig)} - {"name"} | {"preset"}
-
-
-def preset_fields(name: str) -> dict:
-    """The SchemeConfig fields a preset of ``quant.PRESETS`` stands for; a spec may extend a preset:
-    ``int4-g64-gptq: {preset: int4-g64, method: gptq}``."""
-    preset = PRESETS[name]
-    if isinstance(preset, FloatScheme):
-        return {"dtype": preset.dtype}
-    out = {"bits": preset.bits, "granularity": preset.granularity}
-    if preset.group_size is not None:
-        out["group_size"] = preset.group_size
-    return out
-@dataclass
 class GoldenConfig:
     metrics: list = field(default_factory=list)
     tolerances: dict = field(default_factory=dict)   # metric -> {"rtol": x, "atol": y}
@@ -175,6 +114,7 @@ class Spec:
     expect: list = field(default_factory=list)       # Expectation, '*' expanded
     golden: Optional[GoldenConfig] = None
     report: ReportConfig = field(default_factory=ReportConfig)
+    export: list = field(default_factory=list)       # integer scheme names to export (issue 12)
     path: Optional[Path] = None                      # the spec file, when read from one
 
     def with_value(self, dotted_key: str, value) -> "Spec":
@@ -191,78 +131,101 @@ class Spec:
 TOP_KEYS = {f.name for f in fields(Spec)} - {"source", "sha256", "raw", "path"}
 
 
-def field_types(cls) -> dict:
-    """{field: (the Python type a YAML value must have, whether null is allowed)}, read from the
-    dataclass annotations (``Optional[int]`` -> (int, True), ``list`` -> (list, False))."""
-    hints = typing.get_type_hints(cls)
-    out = {}
-    for f in fields(cls):
-        hint = hints[f.name]
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        optional = typing.get_origin(hint) is typing.Union and len(args) == 1
-        out[f.name] = (args[0] if optional else hint, optional)
-    return out
-
-
-def _dataclass_from(cls, mapping, ctx: Ctx, what: str, exclude=(), **extra):
-    """Build a validating dataclass from a YAML mapping, turning its ValueErrors into SpecErrors."""
-    mapping = mapping if mapping is not None else Located()
-    types = {k: t for k, t in field_types(cls).items() if k not in exclude and k not in extra}
-    check_keys(mapping, set(types), ctx, what)
-    kwargs = {}
-    for key, (typ, optional) in types.items():
-        if key in mapping:
-            # null is a value only where the field is Optional (max_tokens: null = the whole split)
-            kwargs[key] = None if optional and mapping[key] is None else get_value(mapping, key, typ, None, ctx, what)
-    try:
-        return cls(**extra, **kwargs)
-    except ValueError as e:
-        bad = next((k for k in kwargs if k in str(e)), None)
-        line = mapping.line_of(bad) if isinstance(mapping, Located) and bad else getattr(mapping, "line", None)
-        raise SpecError(f"{e}", ctx.source, line) from None
-
-
 def parse_size(value, source, line) -> int:
-    """'64MB', '512 MiB', 1e9 -> bytes."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return int(value)
-    m = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?i?B)\s*", str(value), re.IGNORECASE)
-    if not m:
-        raise SpecError(f"memory budget {value!r} is not a size; write e.g. 512MB or 2GiB", source, line)
+    """'64MB', '512 MiB', 1e9 -> bytes (a positive whole number)."""
+    fix = "write a positive size such as 512MB or 2GiB"
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise SpecError(f"memory budget {value!r} is not a size; {fix}", source, line)
+    if isinstance(value, (int, float)):
+        number, unit = value, "b"
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([KMGT]?i?B)\s*", value, re.IGNORECASE)
+        if not m:
+            raise SpecError(f"memory budget {value!r} is not a size; {fix}", source, line)
+        number, unit = float(m.group(1)), m.group(2).lower()
     units = {"b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "kib": 2 ** 10, "mib": 2 ** 20, "gib": 2 ** 30, "tib": 2 ** 40}
-    return int(float(m.group(1)) * units[m.group(2).lower()])
+    if unit not in units:   # "iB" alone
+        raise SpecError(f"memory budget {value!r} has an unknown unit; {fix}", source, line)
+    if not math.isfinite(number) or int(number * units[unit]) < 1:
+        raise SpecError(f"memory budget {value!r} is not a positive size; {fix}", source, line)
+    return int(number * units[unit])
 
 
-def _parse_schemes(mapping, ctx: Ctx) -> dict:
-    if not isinstance(mapping, dict) or not mapping:
-        raise ctx.error("schemes must be a non-empty mapping of name -> scheme (e.g. fp32: {dtype: float32})", "schemes")
-    out = {}
-    for name, body in mapping.items():
-        line = mapping.line_of(name) if isinstance(mapping, Located) else None
-        if isinstance(body, str):  # `int4-g64: int4-g64` names a preset
-            body = Located({"preset": body})
-            body.line, body.key_lines = line, {"preset": line}
-        if body is None and name in PRESETS:
-            body = Located({"preset": name})
-            body.line, body.key_lines = line, {"preset": line}
-        if not isinstance(body, dict):
-            raise SpecError(f"scheme {name!r} must be a mapping like {{bits: 4, group_size: 64}} or a preset name "
-                            f"({', '.join(PRESETS)})", ctx.source, line)
-        check_keys(body, SCHEME_KEYS, ctx, f"scheme {name!r}")
-        merged = Located()
-        merged.line, merged.key_lines = getattr(body, "line", line), dict(getattr(body, "key_lines", {}))
-        if "preset" in body:
-            preset = body["preset"]
-            if preset not in PRESETS:
-                close = difflib.get_close_matches(str(preset), PRESETS, n=1)
-                hint = f"did you mean {close[0]!r}?" if close else f"known presets: {', '.join(PRESETS)}"
-                raise SpecError(f"unknown preset {preset!r} for scheme {name!r}; {hint}", ctx.source, body.line_of("preset"))
-            merged.update(preset_fields(preset))
-            for k in preset_fields(preset):
-                merged.key_lines[k] = body.line_of("preset")
-        merged.update({k: v for k, v in body.items() if k != "preset"})
-        out[str(name)] = _dataclass_from(SchemeConfig, merged, ctx, f"scheme {name!r}", name=str(name))
-    return out
+def _check_seed(seed, heldout_samples: int, ctx: Ctx, key, what: str) -> None:
+    """A seed the generator takes; held-out windows are drawn with seed + 1, so that must fit too."""
+    top = SEED_RANGE[1] - (1 if heldout_samples > 0 else 0)
+    if not SEED_RANGE[0] <= seed <= top:
+        why = " (held-out windows use seed + 1)" if heldout_samples > 0 else ""
+        raise ctx.error(f"{what} {seed} is outside what torch.Generator takes{why}; use a seed in 0..{top}", key)
+
+
+def _parse_sweep(data, ctx: Ctx, spec: "Spec", context: Optional[int]) -> Optional[tuple]:
+    """``sweep: {key: [values]}``: each value is checked as if the spec had set it."""
+    if data.get("sweep") is None:
+        return None
+    sw = data["sweep"]
+    sctx = Ctx(ctx.source, sw if isinstance(sw, dict) else data)
+    if not isinstance(sw, dict) or len(sw) != 1:
+        raise ctx.error("sweep must map one key to a list of values, e.g. sweep: {calibration.samples: [4, 16, 64]}", "sweep")
+    check_keys(sw, SWEEPABLE, sctx, "sweep")
+    key, values = next(iter(sw.items()))
+    if not isinstance(values, list) or len(values) < 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise sctx.error(f"sweep {key} needs a list of at least two integers", key)
+    if len(set(values)) != len(values):
+        raise sctx.error(f"sweep {key} lists a value twice; list each value once", key)
+    if not any(cfg.needs_calibration for cfg in spec.schemes.values()):
+        raise sctx.error(f"sweep {key} changes no result: only GPTQ schemes draw calibration data (RTN and float "
+                         "results do not depend on it); add a method: gptq scheme or remove the sweep", key)
+    for v in values:
+        if key == "seed":
+            _check_seed(v, spec.calibration.heldout_samples, sctx, key, f"sweep {key} value")
+            continue
+        field_name = key.split(".")[1]
+        try:
+            dataclasses.replace(spec.calibration, **{field_name: v})
+        except ValueError as e:
+            raise sctx.error(f"sweep {key} value {v}: {e}", key) from None
+        if field_name == "heldout_samples":
+            _check_seed(spec.seed, v, ctx, "seed", "seed")
+        if field_name == "seq_len":
+            references.check_seq_len(v, context, spec.model, f"{key} (in the sweep)", sctx, key)
+    return key, list(values)
+
+
+def _parse_report(data, ctx: Ctx) -> ReportConfig:
+    report_map = data.get("report") or Located()
+    rctx = Ctx(ctx.source, report_map)
+    check_keys(report_map, {"plots", "memory_budget"}, rctx, "report")
+    plots = get_value(report_map, "plots", list, list(PLOTS), rctx, "report")
+    for p in plots:
+        if p not in PLOTS:
+            raise rctx.error(f"unknown plot {p!r}; choose from {', '.join(PLOTS)}", "plots")
+    budget = report_map.get("memory_budget")
+    return ReportConfig(plots=list(plots),
+                        memory_budget_bytes=None if budget is None else parse_size(budget, ctx.source, rctx.line("memory_budget")),
+                        memory_budget_label=None if budget is None else str(budget))
+
+
+def _check_markers(markers: list, ctx: Ctx) -> None:
+    for m in markers:
+        if not isinstance(m, str):
+            raise ctx.error(f"markers must be a list of marker names, got {m!r}; write e.g. markers: [real_model]", "markers")
+        if m not in MARKERS:
+            raise ctx.error(f"marker {m!r} is not registered (registered: {', '.join(MARKERS)}); to use it, add it to "
+                            "pytest.ini's markers and to MARKERS in quantlab/spec/schema.py", "markers")
+
+
+def _check_export(data, ctx: Ctx, schemes: dict) -> list:
+    names = get_value(data, "export", list, [], ctx, "the spec")
+    for n in names:
+        if not isinstance(n, str) or n not in schemes:
+            raise ctx.error(f"export lists {n!r}, which is not defined under schemes; defined: {', '.join(schemes)}", "export")
+        if not schemes[n].is_integer:
+            raise ctx.error(f"export lists {n!r}, a {schemes[n].method} scheme; only integer schemes (method rtn or gptq) "
+                            "can be exported", "export")
+    if len(set(names)) != len(names):
+        raise ctx.error("export lists a scheme twice; list each scheme once", "export")
+    return list(names)
 
 
 def parse_spec(data, source: str = "<spec>", name: Optional[str] = None, text: Optional[str] = None) -> Spec:
@@ -280,55 +243,46 @@ def parse_spec(data, source: str = "<spec>", name: Optional[str] = None, text: O
     name = get_value(data, "name", str, default_name, ctx, "the spec")
     if not re.fullmatch(r"[\w.\-/]+", name):
         raise ctx.error(f"name {name!r} may only use letters, digits, '-', '_', '.', '/'", "name")
+    references.check_name(name, ctx)
 
-    schemes = _parse_schemes(data["schemes"], Ctx(source, data))
+    schemes = parse_schemes(data["schemes"], Ctx(source, data))
     baseline = get_value(data, "baseline", str, "fp32" if "fp32" in schemes else next(iter(schemes)), ctx, "the spec")
     if baseline not in schemes:
         raise ctx.error(f"baseline {baseline!r} is not one of the schemes ({', '.join(schemes)})", "baseline")
 
-    sweep = None
-    if data.get("sweep") is not None:
-        sw = data["sweep"]
-        sctx = Ctx(source, sw if isinstance(sw, dict) else data)
-        if not isinstance(sw, dict) or len(sw) != 1:
-            raise ctx.error("sweep must map one key to a list of values, e.g. sweep: {calibration.samples: [4, 16, 64]}", "sweep")
-        key, values = next(iter(sw.items()))
-        check_keys(sw, SWEEPABLE, sctx, "sweep")
-        if not isinstance(values, list) or len(values) < 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-            raise sctx.error(f"sweep {key} needs a list of at least two integers", key)
-        sweep = (key, list(values))
-
-    report_map = data.get("report") or Located()
-    rctx = Ctx(source, report_map)
-    check_keys(report_map, {"plots", "memory_budget"}, rctx, "report")
-    plots = get_value(report_map, "plots", list, list(PLOTS), rctx, "report")
-    for p in plots:
-        if p not in PLOTS:
-            raise rctx.error(f"unknown plot {p!r}; choose from {', '.join(PLOTS)}", "plots")
-    budget = report_map.get("memory_budget")
-    report = ReportConfig(plots=list(plots),
-                          memory_budget_bytes=None if budget is None else parse_size(budget, source, rctx.line("memory_budget")),
-                          memory_budget_label=None if budget is None else str(budget))
+    model = get_value(data, "model", str, "minigpt-shakespeare", ctx, "the spec")
+    context = references.model_context(model, ctx)
+    cal_map, eval_map = data.get("calibration"), data.get("evaluation")
+    cctx, ectx = Ctx(source, cal_map or data), Ctx(source, eval_map or data)
+    calibration = dataclass_from(CalibrationConfig, cal_map, cctx, "calibration")
+    evaluation = dataclass_from(EvaluationConfig, eval_map, ectx, "evaluation")
+    references.check_dataset(calibration.dataset, cctx, "dataset", "calibration.dataset")
+    references.check_dataset(evaluation.dataset, ectx, "dataset", "evaluation.dataset")
+    references.check_tasks(evaluation.tasks, ectx)
+    references.check_seq_len(calibration.seq_len, context, model, "calibration.seq_len", cctx, "seq_len")
+    references.check_seq_len(evaluation.seq_len, context, model, "evaluation.seq_len", ectx, "seq_len")
+    markers = get_value(data, "markers", list, [], ctx, "the spec")
+    _check_markers(markers, ctx)
 
     spec = Spec(
         name=name, source=source, sha256=digest, raw=plain(data),
         description=get_value(data, "description", str, "", ctx, "the spec"),
         seed=get_value(data, "seed", int, 0, ctx, "the spec"),
-        model=get_value(data, "model", str, "minigpt-shakespeare", ctx, "the spec"),
+        model=model,
         device=get_value(data, "device", str, "cpu", ctx, "the spec", check=lambda d: d in ("cpu", "cuda", "auto"),
                     fix="use cpu, cuda or auto"),
-        markers=get_value(data, "markers", list, [], ctx, "the spec"),
-        calibration=_dataclass_from(CalibrationConfig, data.get("calibration"),
-                                    Ctx(source, data.get("calibration") or data), "calibration"),
-        evaluation=_dataclass_from(EvaluationConfig, data.get("evaluation"),
-                                   Ctx(source, data.get("evaluation") or data), "evaluation"),
+        markers=markers, calibration=calibration, evaluation=evaluation,
         keep=get_value(data, "keep", list, list(DEFAULT_KEEP), ctx, "the spec"),
-        schemes=schemes, baseline=baseline, sweep=sweep, report=report,
+        schemes=schemes, baseline=baseline, report=_parse_report(data, ctx), export=_check_export(data, ctx, schemes),
     )
+    _check_seed(spec.seed, calibration.heldout_samples, ctx, "seed", "seed")
+    spec.sweep = _parse_sweep(data, ctx, spec, context)
     for k in spec.keep:
         if k not in DEFAULT_KEEP:
             raise ctx.error(f"keep entry {k!r} is unknown; keep lists module kinds left in float16: {', '.join(DEFAULT_KEEP)}", "keep")
-    spec.expect = parse_expectations(data.get("expect"), Ctx(source, data), SpecView(schemes, sweep))
+    view = SpecView(schemes, spec.sweep, heldout_samples=calibration.heldout_samples,
+                    kl_divergence=evaluation.kl_divergence, tasks=tuple(evaluation.tasks), baseline=baseline)
+    spec.expect = parse_expectations(data.get("expect"), Ctx(source, data), view)
     if data.get("golden") is not None:
         spec.golden = _parse_golden(data["golden"], Ctx(source, data["golden"] if isinstance(data["golden"], dict) else data))
     return spec
@@ -365,8 +319,8 @@ def _tolerance(tol, ctx: Ctx, what: str) -> dict:
     for k in ("rtol", "atol"):
         if k in tol:
             v = tol[k]
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or math.isnan(v):
-                raise ctx.error(f"{what}.{k} must be a non-negative number, got {v!r}", k)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise ctx.error(f"{what}.{k} must be a finite non-negative number, got {v!r}; write e.g. 0.001", k)
             out[k] = float(v)
     return out
 
