@@ -75,6 +75,15 @@ def data_checksum(name: str, kind: str = "dataset") -> str:
     return h.hexdigest()
 
 
+def checkpoint_checksum(uri: str) -> str:
+    """sha256 of a checkpoint's files (hf:DIR) or file (gguf:FILE): an imported scheme's content."""
+    from quantlab.data.cache import sha256_of
+    from quantlab.models.registry import directory_sha256
+
+    path = Path(uri.split(":", 1)[1]).expanduser()
+    return directory_sha256(path) if path.is_dir() else sha256_of(path)
+
+
 def result_versions() -> dict:
     """The versions of the libraries that can change a result (see report.provenance)."""
     from quantlab.report.provenance import RESULT_LIBRARIES, library_versions
@@ -255,6 +264,8 @@ class SpecRun:
         if cfg.needs_calibration:
             parts.update(calibration=vars(spec.calibration), seed=spec.seed,
                          calibration_data=data_checksum(spec.calibration.dataset))
+        if cfg.method == "checkpoint":
+            parts["checkpoint_sha"] = checkpoint_checksum(cfg.checkpoint)
         if cfg.name != spec.baseline:
             parts["baseline"] = self.cache_key(spec, spec.schemes[spec.baseline])
         return _key(parts)
@@ -262,12 +273,34 @@ class SpecRun:
     def quantize(self, spec: Spec, cfg: SchemeConfig):
         from quantlab.calibrate import quantize_model
 
+        if cfg.method == "checkpoint":
+            return self.imported(cfg.checkpoint)
         calibration = self.calibration(spec) if cfg.needs_calibration else None
         return quantize_model(
             self.model, cfg.quant_scheme(), calibration, method=cfg.method, keep=spec.keep,
             damp=cfg.damp, block_size=cfg.block_size, act_order=cfg.act_order, static_groups=cfg.static_groups,
             batch_size=spec.calibration.batch_size, heldout=self.heldout(spec) if calibration is not None else None,
             progress=self.progress)
+
+    def imported(self, uri: str):
+        """A checkpoint another tool (or quantlab's export) wrote, refused unless it is the spec's model."""
+        from quantlab.models.checkpoint import load_checkpoint, mismatch
+
+        quantized = load_checkpoint(uri, device=self.device)
+        problem = mismatch(self.model, quantized.model, uri)
+        if problem:
+            raise ValueError(problem)
+        return quantized
+
+    def servable(self, name: str, cfg: SchemeConfig) -> Optional[dict]:
+        """Whether the scheme's layout can be exported and served, per format (quantlab.export)."""
+        if cfg.method in ("float", "checkpoint"):
+            return None
+        try:
+            from quantlab.export import servability_table
+        except ImportError:   # without the [hf] extra nothing can be exported: say nothing
+            return None
+        return servability_table(self.model, {name: cfg})[name]
 
     def scheme_result(self, spec: Spec, name: str) -> SchemeResult:
         cfg = spec.schemes[name]
@@ -282,7 +315,8 @@ class SpecRun:
         from quantlab.roofline import decode_workload
 
         cfg = spec.schemes[name]
-        log.info("%s: quantizing (%s)", name, cfg.quant_scheme().describe())
+        log.info("%s: %s", name, f"reading {cfg.checkpoint}" if cfg.method == "checkpoint"
+                 else f"quantizing ({cfg.quant_scheme().describe()})")
         started = time.perf_counter()
         quantized = self.baseline_quantized(spec) if name == spec.baseline else self.quantize(spec, cfg)
         log.info("%s: evaluating", name)
@@ -306,6 +340,7 @@ class SpecRun:
             health=[HealthEvent(event=h["event"], layer=h.get("layer"), detail=h.get("detail", ""))
                     for h in quantized.health],
             versions=result_versions(),
+            servable=self.servable(name, cfg),
             wall_seconds=time.perf_counter() - started,
         )
 
@@ -390,11 +425,31 @@ def _run(spec: Spec, cache: SchemeCache, out_dir, progress: bool) -> RunResult:
 
 
 def write_outputs(results: RunResult, spec: Spec, out_dir) -> dict:
-    """results.json, manifest.json, plots and a standalone report.html in out_dir; returns their paths."""
+    """results.json, manifest.json, plots and a standalone report.html in out_dir, and the checkpoint
+    of every scheme the spec's ``export:`` lists under out_dir/export/<scheme>; returns their paths."""
     from quantlab.report import write_report_files
 
+    if spec.export:
+        results = dataclasses.replace(results, exports=export_schemes(spec, Path(out_dir) / "export"))
     return write_report_files(results, Path(out_dir), spec.report.plots,
                               memory_budget_bytes=spec.report.memory_budget_bytes)
+
+
+def export_schemes(spec: Spec, directory: Path) -> dict:
+    """Write each ``export:`` scheme as a compressed-tensors checkpoint in directory/<scheme>. The result
+    cache holds numbers, not weights, so each exported scheme is quantized again here: deterministic,
+    it gives the codes that were evaluated."""
+    from quantlab.export import export_compressed_tensors
+
+    runner = SpecRun(spec, SchemeCache(None, enabled=False))
+    exports = {}
+    for name in spec.export:
+        log.info("%s: exporting to %s", name, directory / name)
+        quantized = runner.quantize(spec, spec.schemes[name])
+        info = export_compressed_tensors(quantized, directory / name, overwrite=True)
+        exports[name] = {"format": info.format, "path": str(info.path), "bytes_on_disk": info.bytes_on_disk,
+                         "bytes_total": quantized.bytes["bytes_total"]}
+    return exports
 
 
 def _baseline_first(spec: Spec) -> list:

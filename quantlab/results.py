@@ -196,6 +196,7 @@ class SchemeResult:
     bits_per_weight: Optional[float] = None
     params_linear: Optional[int] = None
     params_total: Optional[int] = None
+    bytes_on_disk: Optional[int] = None                # an imported checkpoint's weight files
     # quantization (quantlab.calibrate)
     quantize_seconds: Optional[float] = None
     layers: dict = field(default_factory=dict)         # module name -> LayerStats
@@ -289,6 +290,7 @@ class RunResult(Mapping):
     timestamp: Optional[str] = None
     machine: dict = field(default_factory=dict)
     manifest: dict = field(default_factory=dict)
+    exports: dict = field(default_factory=dict)      # scheme -> {format, path, bytes_on_disk, bytes_total}
 
     def __post_init__(self):
         object.__setattr__(self, "results", {k: v if isinstance(v, SchemeResult) else SchemeResult.from_json(v)

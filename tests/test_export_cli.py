@@ -5,40 +5,20 @@ import torch
 
 pytest.importorskip("transformers")
 pytest.importorskip("compressed_tensors")
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
 
 from quantlab import export  # noqa: E402
 from quantlab.cli import main  # noqa: E402
 from quantlab.pipeline import SchemeCache, SpecRun  # noqa: E402
 from quantlab.spec import load_spec  # noqa: E402
 
-VOCAB = 300
+VOCAB = 300   # conftest's tiny Llama
 TOKENS = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(2))
 
 
-def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """Byte-level BPE trained here on one sentence: enough for save_pretrained and AutoTokenizer."""
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<s>", "</s>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tokenizer.train_from_iterator(["To be, or not to be, that is the question."], trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>")
-
-
 @pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory):
-    """A tiny random Llama and its tokenizer, saved as a Hugging Face directory."""
-    torch.manual_seed(0)
-    module = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                          bos_token_id=0, eos_token_id=1))
-    path = tmp_path_factory.mktemp("tiny-llama")
-    module.save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
+def llama_dir(tiny_llama_dir):
+    return tiny_llama_dir
 
 
 @pytest.fixture(scope="module")

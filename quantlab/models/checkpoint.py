@@ -52,6 +52,28 @@ def load_checkpoint(uri: str, device: str = "cpu"):
     raise ValueError(f"unknown checkpoint {uri!r}; use hf:DIR (compressed-tensors or GPTQ) or gguf:FILE")
 
 
+def mismatch(reference, imported, uri: str) -> Optional[str]:
+    """Why ``imported`` (a checkpoint's LanguageModel) is not the spec's ``reference`` model quantized:
+    another architecture, other tensor names or shapes, or another tokenizer. None when it is."""
+    ref_module, imp_module = reference.module, imported.module
+    if type(ref_module).__name__ != type(imp_module).__name__:
+        return (f"{uri} is a {type(imp_module).__name__}, the spec's model a {type(ref_module).__name__}; "
+                "a checkpoint scheme must quantize the spec's own model")
+    ref_shapes = {k: tuple(v.shape) for k, v in ref_module.state_dict().items()}
+    imp_shapes = {k: tuple(v.shape) for k, v in imp_module.state_dict().items()}
+    differing = sorted(k for k in ref_shapes.keys() | imp_shapes.keys() if ref_shapes.get(k) != imp_shapes.get(k))
+    if differing:
+        return (f"{uri} has other tensors than the spec's model ({', '.join(differing[:3])}"
+                f"{' ...' if len(differing) > 3 else ''}); a checkpoint scheme must quantize the spec's own model")
+    def vocabulary(model):   # the tokenizer's identity, not the name of the directory it came from
+        return {k: v for k, v in model.tokenizer.items() if k != "name"}
+
+    if vocabulary(reference) != vocabulary(imported):
+        return (f"{uri} has another tokenizer than the spec's model ({vocabulary(imported)} vs {vocabulary(reference)}); "
+                "perplexities under different tokenizers are not comparable")
+    return None
+
+
 # ----------------------------------------------------------------------------------------------
 # What the directory claims
 

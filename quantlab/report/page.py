@@ -306,6 +306,13 @@ def html_section(results, images: dict, memory_budget_bytes=None, machine=None) 
              "<h3>Interpretation</h3>", "<ul>"]
     parts += [f"<li>{e(s)}</li>" for s in interpretation(results, memory_budget_bytes, machine=machine)]
     parts.append("</ul>")
+    exports = results.get("exports") or {}
+    if exports:
+        rows = "".join(f"<tr><td>{e(name)}</td><td>{e(info.get('format', ''))}</td><td>{e(str(info.get('path', '')))}</td>"
+                       f"<td>{e(_fmt_bytes(info.get('bytes_on_disk')))}</td><td>{e(_fmt_bytes(info.get('bytes_total')))}</td></tr>"
+                       for name, info in exports.items())
+        parts.append("<h3>Exported checkpoints</h3><table><tr><th>scheme</th><th>format</th><th>path</th>"
+                     f"<th>weight files on disk</th><th>bytes_total</th></tr>{rows}</table>")
     for name, path in images.items():
         caption = PLOT_CAPTIONS.get(name, name)
         parts.append(f'<figure><img src="{_data_uri(path)}" alt="{e(str(name))}" style="max-width:100%">'
