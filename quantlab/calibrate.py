@@ -14,6 +14,9 @@ The pipeline follows the reference GPTQ code's ``opt_sequential``:
 
 RTN goes through the same pipeline, so when calibration tokens are given its per-layer losses are
 measured on the same Hessians as GPTQ's: the two are compared like for like.
+
+(Just past 400 lines: the input statistics, the grouping of Linears by shared input and the block loop
+are the three steps above and read best in order, in one place.)
 """
 from __future__ import annotations
 

@@ -78,7 +78,8 @@ def cmd_export(args) -> int:
     """Quantize one scheme of a spec exactly as ``quantlab run`` does and write it as a deployable
     checkpoint. Servability is checked before anything is quantized or written."""
     from quantlab import export
-    from quantlab.pipeline import SchemeCache, SpecRun
+    from quantlab.cache import SchemeCache
+    from quantlab.pipeline import SpecRun
     from quantlab.spec import SpecError, load_spec
 
     try:

@@ -13,6 +13,9 @@ compressed-tensors layout (``pack-quantized``), per quantized Linear ``NAME``:
   NAME.weight_shape       int64 (2,)
 quantlab's asymmetric codes [0, 2^b-1] and zero points are shifted by -2^(b-1) into compressed-tensors'
 signed storage; (code - zero) is unchanged, so the dequantized weights are identical.
+
+(Past 400 lines on purpose: both formats are judged by one ``servability`` before anything is written,
+and share the atomic directory writing; a module per format would split that one verdict.)
 """
 from __future__ import annotations
 

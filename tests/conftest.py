@@ -33,42 +33,14 @@ def one_thread():
         yield
 
 
-TINY_VOCAB = 300
-
-
-def tiny_tokenizer():
-    """Byte-level BPE trained here on one sentence: enough for save_pretrained and AutoTokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=TINY_VOCAB, special_tokens=["<s>", "</s>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tokenizer.train_from_iterator(["To be, or not to be, that is the question."], trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>")
-
-
-@pytest.fixture(scope="session")
-def make_tiny_tokenizer():
-    """The factory ``tiny_tokenizer()``: a byte-level BPE tokenizer built in-process."""
-    pytest.importorskip("tokenizers")
-    return tiny_tokenizer
-
-
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory):
     """A tiny random Llama and its tokenizer, saved as a Hugging Face directory (nothing from a hub)."""
     pytest.importorskip("transformers")
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from quantlab.testing import tiny_llama, tiny_tokenizer
 
-    torch.manual_seed(0)
-    module = LlamaForCausalLM(LlamaConfig(vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128,
-                                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                          max_position_embeddings=64, bos_token_id=0, eos_token_id=1))
     path = tmp_path_factory.mktemp("tiny-llama")
-    module.save_pretrained(path)
+    tiny_llama().save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
     return path
 

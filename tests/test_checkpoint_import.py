@@ -16,34 +16,17 @@ from compressed_tensors.quantization import (  # noqa: E402
     QuantizationArgs, QuantizationConfig, QuantizationScheme, apply_quantization_config)
 from compressed_tensors.quantization.lifecycle.forward import quantize as ct_quantize  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
 
 from quantlab import export  # noqa: E402
 from quantlab.calibrate import quantize_model  # noqa: E402
 from quantlab.models.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
 from quantlab.models.hf import wrap_hf  # noqa: E402
+from quantlab.testing import TINY_VOCAB, tiny_llama, tiny_tokenizer  # noqa: E402
 from quantlab.quant import Scheme, quantize_rtn  # noqa: E402
 
-VOCAB = 300
+VOCAB = TINY_VOCAB
 TOKENS = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(2))
-
-
-def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<s>", "</s>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tokenizer.train_from_iterator(["To be, or not to be, that is the question."], trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>")
-
-
-def tiny_llama() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                        bos_token_id=0, eos_token_id=1))
 
 
 LINEARS = [f"model.layers.{b}.{n}" for b in range(2) for n in (

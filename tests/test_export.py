@@ -13,28 +13,17 @@ pytest.importorskip("transformers")
 pytest.importorskip("compressed_tensors")
 from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
 from transformers import (  # noqa: E402
     AutoModelForCausalLM, CompressedTensorsConfig, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM,
-    PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM)
+    Qwen2Config, Qwen2ForCausalLM)
 
 from quantlab import export  # noqa: E402
 from quantlab.calibrate import quantize_model  # noqa: E402
 from quantlab.models.hf import wrap_hf  # noqa: E402
+from quantlab.testing import TINY_VOCAB, tiny_tokenizer  # noqa: E402
 from quantlab.quant import FloatScheme, Scheme  # noqa: E402
 
-VOCAB = 300
-
-
-def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """Byte-level BPE trained here on one sentence: enough for save_pretrained and AutoTokenizer."""
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<s>", "</s>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tokenizer.train_from_iterator(["To be, or not to be, that is the question."], trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>")
+VOCAB = TINY_VOCAB
 
 
 def tiny_model(family: str, hidden: int = 64, intermediate: int = 128):

@@ -9,7 +9,8 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 
 from quantlab import export  # noqa: E402
 from quantlab.cli import main  # noqa: E402
-from quantlab.pipeline import SchemeCache, SpecRun  # noqa: E402
+from quantlab.cache import SchemeCache  # noqa: E402
+from quantlab.pipeline import SpecRun  # noqa: E402
 from quantlab.spec import load_spec  # noqa: E402
 
 VOCAB = 300   # conftest's tiny Llama

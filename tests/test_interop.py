@@ -60,15 +60,12 @@ def test_a_reimported_export_gives_exactly_the_in_process_numbers_and_codes(expo
     assert theirs["bytes_on_disk"] > 0
 
 
-def test_a_checkpoint_of_another_model_is_refused_with_the_reason(exported, tiny_corpus, tmp_path,
-                                                                  make_tiny_tokenizer):
-    from transformers import LlamaConfig, LlamaForCausalLM
+def test_a_checkpoint_of_another_model_is_refused_with_the_reason(exported, tiny_corpus, tmp_path):
+    from quantlab.testing import tiny_llama, tiny_tokenizer
 
     other = tmp_path / "wider-llama"
-    LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=96, intermediate_size=128, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2,
-                                 max_position_embeddings=64)).save_pretrained(other)
-    make_tiny_tokenizer().save_pretrained(other)
+    tiny_llama(hidden_size=96).save_pretrained(other)
+    tiny_tokenizer().save_pretrained(other)
     _, out = exported
     checkpoint = f"hf:{out / 'export' / 'int4-g32-gptq'}"
     with pytest.raises(ValueError, match="must quantize the spec's own model"):

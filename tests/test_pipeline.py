@@ -13,7 +13,8 @@ import textwrap
 import pytest
 
 from quantlab import pipeline
-from quantlab.pipeline import RunInterrupted, SchemeCache, SpecRun, _cached_fingerprint, data_checksum
+from quantlab.cache import SchemeCache, data_checksum
+from quantlab.pipeline import RunInterrupted, SpecRun, _cached_fingerprint
 from quantlab.spec import parse_spec
 
 BASE = {
@@ -150,7 +151,7 @@ def test_a_changed_corpus_gets_a_fresh_fingerprint(tmp_path, monkeypatch):
 LOCKED_WORKER = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from quantlab.pipeline import SchemeCache
+    from quantlab.cache import SchemeCache
 
     cache_dir, log = Path(sys.argv[1]), Path(sys.argv[2])
 
