@@ -332,3 +332,8 @@ def test_write_report_files_also_writes_the_lm_eval_document(written):
     assert written["lm_eval"].parent == written["results"].parent
     assert doc["results"]["verb_tense@int4-g64-gptq"]["acc,none"] == pytest.approx(0.6)
     assert "quantlab_token_perplexity,none" in doc["results"]["quantlab_perplexity@fp32"]
+
+
+@pytest.mark.parametrize("n, text", [(999_552, "1 MB"), (1_234_567, "1.23 MB"), (999, "999 B"), (999_499, "999 kB")])
+def test_byte_sizes_read_with_three_digits_and_the_right_prefix(n, text):
+    assert page._fmt_bytes(n) == text

@@ -35,11 +35,12 @@ MISSING = "—"
 
 
 def _fmt_si(x, unit) -> str:
-    """3 significant digits with a decimal prefix: 1234567 B -> '1.23 MB'."""
+    """3 significant digits with a decimal prefix: 1234567 B -> '1.23 MB', 999552 B -> '1 MB' (a value
+    that rounds up to 1000 of a prefix takes the next one, never '1e+03 kB')."""
     if not is_number(x):
         return MISSING
     for prefix, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(x) >= size:
+        if abs(x) >= size * 0.9995:
             return f"{x / size:.3g} {prefix}{unit}"
     return f"{x:.3g} {unit}"
 
