@@ -109,7 +109,7 @@ class SpecRun:
     def baseline_quantized(self, spec: Spec):
         """The baseline scheme's model under ``spec`` (a sweep point may calibrate it differently)."""
         store = self.__dict__.setdefault("_baseline_models", {})
-        key = self.cachekey_of(spec, spec.schemes[spec.baseline])
+        key = self.cache_key(spec, spec.schemes[spec.baseline])
         if key not in store:
             store[key] = self.quantize(spec, spec.schemes[spec.baseline])
         return store[key]
@@ -119,7 +119,7 @@ class SpecRun:
 
         plan = self.plan(spec)
         store = self.__dict__.setdefault("_baselines", {})
-        key = (id(plan), self.cachekey_of(spec, spec.schemes[spec.baseline]))
+        key = (id(plan), self.cache_key(spec, spec.schemes[spec.baseline]))
         if key not in store:
             store[key] = BaselineLogProbs(self.baseline_quantized(spec).model, plan)
         return store[key]
@@ -143,7 +143,7 @@ class SpecRun:
         }
 
     # --- one scheme --------------------------------------------------------------------------------
-    def cachekey_of(self, spec: Spec, cfg: SchemeConfig) -> str:
+    def cache_key(self, spec: Spec, cfg: SchemeConfig) -> str:
         """The key of ``cfg``'s result under ``spec``: everything that determines it (module docstring)."""
         parts = {
             "code": code_version(), "versions": result_versions(), "model": spec.model,
@@ -157,7 +157,7 @@ class SpecRun:
         if cfg.method == "checkpoint":
             parts["checkpoint_sha"] = checkpoint_checksum(cfg.checkpoint)
         if cfg.name != spec.baseline:
-            parts["baseline"] = self.cachekey_of(spec, spec.schemes[spec.baseline])
+            parts["baseline"] = self.cache_key(spec, spec.schemes[spec.baseline])
         return key_of(parts)
 
     def quantize(self, spec: Spec, cfg: SchemeConfig):
@@ -194,7 +194,7 @@ class SpecRun:
 
     def scheme_result(self, spec: Spec, name: str) -> SchemeResult:
         cfg = spec.schemes[name]
-        entry, cached = self.cache.get_or_compute(self.cachekey_of(spec, cfg),
+        entry, cached = self.cache.get_or_compute(self.cache_key(spec, cfg),
                                                   lambda: self._compute(spec, name).to_json())
         if cached:
             log.info("%s: cached", name)
@@ -276,7 +276,7 @@ def _run(spec: Spec, cache: SchemeCache, out_dir, progress: bool) -> RunResult:
             variant = spec.with_value(key, value)
             point = {}
             for name, cfg in spec.schemes.items():
-                if runner.cachekey_of(variant, cfg) != runner.cachekey_of(spec, cfg):
+                if runner.cache_key(variant, cfg) != runner.cache_key(spec, cfg):
                     log.info("sweep %s=%s: %s", key, value, name)
                     point[name] = runner.scheme_result(variant, name)
                 else:  # this value does not change the scheme (RTN under a calibration sweep)
