@@ -359,6 +359,11 @@ def _llama_permute(t: torch.Tensor, n_head: int) -> torch.Tensor:
     return t.reshape(n_head, 2, t.shape[0] // n_head // 2, *t.shape[1:]).swapaxes(1, 2).reshape(t.shape)
 
 
+def _llama_unpermute(t: torch.Tensor, n_head: int) -> torch.Tensor:
+    """The inverse of ``_llama_permute``: llama.cpp's q/k rows back in Hugging Face order (GGUF import)."""
+    return t.reshape(n_head, t.shape[0] // n_head // 2, 2, *t.shape[1:]).swapaxes(1, 2).reshape(t.shape)
+
+
 def export_gguf(quantized, path) -> ExportInfo:
     """Write ``quantized`` (a Llama, symmetric INT4/INT8 group 32) as a GGUF file with Q4_0/Q8_0 Linears built
     from quantlab's codes and scales; embeddings, norms and lm_head stay F32. Written to a temporary file,

@@ -209,3 +209,136 @@ def test_not_what_it_claims(tmp_path):
         load_checkpoint(f"hf:{float_dir}")
     with pytest.raises(ValueError, match="use hf:DIR"):
         load_checkpoint(f"onnx:{float_dir}")
+
+
+# ----------------------------------------------------------------------------------------------
+# GGUF written by the gguf library (llama.cpp's Python package), not by quantlab's export
+
+
+def write_gguf_with_the_gguf_library(path, module, linear_types: dict, default: str = "Q4_0"):
+    """The tiny Llama as llama.cpp's convert_hf_to_gguf.py lays it out: its metadata keys, q/k rows permuted into
+    llama.cpp's rotary order, each block Linear as ``linear_types.get(HF name, default)``: Q4_0 / Q8_0 quantized
+    by gguf.quants.quantize (the library's port of ggml-quants.c), F16, or Q4_K as raw zero bytes (the library
+    cannot quantize K-quants; the reader must refuse the type before reading any block)."""
+    import gguf
+    import numpy as np
+
+    cfg = module.config
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
+    writer.add_vocab_size(cfg.vocab_size)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_hidden_layers)
+    written = {}
+    for key, value in module.state_dict().items():
+        base, _, suffix = key.rpartition(".")
+        data = value.detach().to(torch.float32)
+        heads = {"q_proj": cfg.num_attention_heads, "k_proj": cfg.num_key_value_heads}.get(base.rpartition(".")[2])
+        if heads:
+            data = export._llama_permute(data, heads)
+        data = data.numpy()
+        name = f"{names.get_name(base)}.{suffix}"
+        kind = linear_types.get(base, default) if base in LINEARS else "F32"
+        if kind in ("Q4_0", "Q8_0"):
+            blocks = gguf.quants.quantize(data, gguf.GGMLQuantizationType[kind])
+            writer.add_tensor(name, blocks, raw_dtype=gguf.GGMLQuantizationType[kind])
+            written[base] = (kind, data)
+        elif kind == "Q4_K":   # 144 bytes per 256 weights
+            writer.add_tensor(name, np.zeros((data.shape[0], data.shape[1] // 256 * 144), np.uint8),
+                              raw_dtype=gguf.GGMLQuantizationType.Q4_K)
+        else:
+            writer.add_tensor(name, data.astype(np.float16 if kind == "F16" else np.float32))
+            written[base] = (kind, data)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return written
+
+
+def library_codes(rows, kind: str) -> torch.Tensor:
+    """The codes gguf.quants.quantize picks, restated from its code (quants.py): Q4_0 scales by the signed
+    value of largest magnitude over -8 and truncates x/d + 8.5 into [0, 15]; Q8_0 rounds x/(amax/127)."""
+    import numpy as np
+
+    blocks = rows.reshape(-1, 32)
+    if kind == "Q4_0":
+        peak = np.take_along_axis(blocks, abs(blocks).argmax(axis=-1, keepdims=True), axis=-1)
+        d = peak / -8
+        inverse = np.where(d == 0, 0, 1 / np.where(d == 0, 1, d))
+        q = np.trunc(blocks * inverse + np.float32(8.5)).astype(np.uint8).clip(0, 15).astype(np.int16) - 8
+    else:
+        d = abs(blocks).max(axis=1, keepdims=True) / 127
+        inverse = np.where(d == 0, 0, 1 / np.where(d == 0, 1, d))
+        q = np.round(blocks * inverse).astype(np.int16)   # np_roundf: halves away from zero; ties never occur here
+    return torch.from_numpy(q.reshape(rows.shape))
+
+
+@pytest.mark.parametrize("kind", ["Q4_0", "Q8_0"])
+def test_reads_a_gguf_quantized_by_the_gguf_library(tmp_path, kind):
+    import gguf
+
+    module = tiny_llama()
+    kept_float = "model.layers.1.mlp.down_proj"
+    written = write_gguf_with_the_gguf_library(tmp_path / "model.gguf", module, {kept_float: "F16"}, default=kind)
+    tiny_tokenizer().save_pretrained(tmp_path)
+    quantized = load_checkpoint(f"gguf:{tmp_path / 'model.gguf'}")
+    assert quantized.method == "gguf"
+    # Not quantlab's export: no claim of a restricted grid (Q4_0 uses -8 whenever a block's peak is positive).
+    assert quantized.scheme == Scheme(4 if kind == "Q4_0" else 8, group_size=32, grid="full")
+    # An F16 block Linear is loaded as it is: float, no QTensor, not counted as quantized.
+    assert sorted(quantized.qtensors) == sorted(set(LINEARS) - {kept_float})
+    float_weight = torch.from_numpy(written[kept_float][1]).half().float()
+    assert torch.equal(quantized.model.module.get_submodule(kept_float).weight, float_weight)
+    reader = {t.name: t for t in gguf.GGUFReader(tmp_path / "model.gguf").tensors}
+    n_heads = {"q_proj": 4, "k_proj": 2}
+    for name, qt in quantized.qtensors.items():
+        rows = written[name][1]
+        codes = library_codes(rows, kind)
+        library_values = torch.from_numpy(gguf.quants.dequantize(
+            gguf.quants.quantize(rows, gguf.GGMLQuantizationType[kind]), gguf.GGMLQuantizationType[kind]).copy())
+        heads = n_heads.get(name.rpartition(".")[2])
+        if heads:   # the file is in llama.cpp's q/k row order, quantlab's QTensor in Hugging Face's
+            codes, library_values = export._llama_unpermute(codes, heads), export._llama_unpermute(library_values, heads)
+        assert torch.equal(qt.codes.to(torch.int16), codes), name
+        assert torch.equal(qt.dequantize(), library_values), name
+        assert torch.equal(quantized.model.module.get_submodule(name).weight, qt.dequantize()), name
+    if kind == "Q4_0":
+        assert min(int(qt.codes.min()) for qt in quantized.qtensors.values()) == -8
+    # Bytes are the file's own tensor sizes: 18 (Q4_0) or 34 (Q8_0) bytes per 32 weights, plus the F16 Linear's
+    # 2 bytes a weight (the accounting counts a float block Linear as float16).
+    per_block = 18 if kind == "Q4_0" else 34
+    quantized_bytes = sum(qt.codes.numel() // 32 * per_block for qt in quantized.qtensors.values())
+    assert quantized_bytes == sum(int(t.n_bytes) for t in reader.values() if t.tensor_type.name == kind)
+    assert quantized.bytes["bytes_linear"] == quantized_bytes + 2 * float_weight.numel() == sum(
+        int(reader[f"{gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2).get_name(n)}.weight"].n_bytes) for n in LINEARS)
+    # transformers' own GGUF loader (its own dequantizer) computes the same model.
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="model.gguf", dtype=torch.float32)
+    with torch.no_grad():
+        diff = float((reference(input_ids=TOKENS).logits - quantized.model.logits(TOKENS)).abs().max())
+    assert diff <= 1e-5
+
+
+@pytest.mark.parametrize("types, message", [
+    ({"model.layers.0.self_attn.q_proj": "Q4_K"}, r"blk\.0\.attn_q\.weight is Q4_K, which has no quantlab grid"),
+    ({"model.layers.1.mlp.up_proj": "Q8_0"}, r"mixes Q4_0 and Q8_0 block Linears"),
+    ({name: "F16" for name in LINEARS}, r"no Q4_0 or Q8_0 block Linears: it is a float model"),
+], ids=["k-quant", "mixed", "float"])
+def test_gguf_types_quantlab_cannot_represent_are_refused(tmp_path, types, message):
+    # Widths of 256 so that a K-quant super-block fits a row.
+    write_gguf_with_the_gguf_library(tmp_path / "model.gguf", tiny_llama(hidden_size=256, intermediate_size=256), types)
+    tiny_tokenizer().save_pretrained(tmp_path)
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(f"gguf:{tmp_path / 'model.gguf'}")
+
+
+def test_gguf_without_a_tokenizer_says_where_to_put_one(tmp_path):
+    write_gguf_with_the_gguf_library(tmp_path / "model.gguf", tiny_llama(), {})
+    with pytest.raises(CheckpointError, match=r"no tokenizer metadata and no tokenizer files beside it; save"):
+        load_checkpoint(f"gguf:{tmp_path / 'model.gguf'}")

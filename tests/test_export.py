@@ -19,6 +19,7 @@ from transformers import (  # noqa: E402
 
 from quantlab import export  # noqa: E402
 from quantlab.calibrate import quantize_model  # noqa: E402
+from quantlab.models.checkpoint import load_checkpoint  # noqa: E402
 from quantlab.models.hf import wrap_hf  # noqa: E402
 from quantlab.testing import TINY_VOCAB, tiny_tokenizer  # noqa: E402
 from quantlab.quant import FloatScheme, Scheme  # noqa: E402
@@ -196,7 +197,7 @@ def test_written_atomically(tiny_models, tmp_path, monkeypatch):
                                                (Scheme(4, group_size=32), "Q4_0"),
                                                (Scheme(8, group_size=32), "Q8_0")],
                          ids=["q4_0-full", "q4_0-restricted", "q8_0"])
-def test_gguf_round_trip_through_transformers(tiny_models, scheme, ggml_type, tmp_path):
+def test_gguf_round_trip_through_transformers_and_quantlab(tiny_models, scheme, ggml_type, tmp_path):
     from gguf import GGUFReader
     from gguf.quants import dequantize
 
@@ -216,6 +217,20 @@ def test_gguf_round_trip_through_transformers(tiny_models, scheme, ggml_type, tm
     values = torch.from_numpy(dequantize(block.data, block.tensor_type).copy()).reshape(qt.shape)
     assert torch.equal(values, qt.dequantize())
     assert info.bytes_on_disk == info.path.stat().st_size
+
+    # Read back by quantlab (tokenizer files beside the file): the same codes, scales and grid, q/k rows back in
+    # Hugging Face order, and the logits quantlab evaluated, bit for bit.
+    tiny_tokenizer().save_pretrained(tmp_path)
+    back = load_checkpoint(f"gguf:{info.path}")
+    assert back.method == "gguf" and back.scheme == scheme and sorted(back.qtensors) == sorted(quantized.qtensors)
+    for name, qt in quantized.qtensors.items():
+        assert torch.equal(back.qtensors[name].codes.to(torch.int16), qt.codes.to(torch.int16)), name
+        assert torch.equal(back.qtensors[name].scales, qt.scales), name
+    with torch.no_grad():
+        assert torch.equal(back.model.logits(TOKENS), quantized.model.logits(TOKENS))
+    # Q4_0 spends 18 bytes per 32 weights, Q8_0 34: exactly quantlab's accounting of the same scheme.
+    assert back.bytes["bytes_linear"] == quantized.bytes["bytes_linear"] == info.bytes_quantized
+    assert back.bytes["bytes_on_disk"] == info.bytes_on_disk
 
 
 def test_gguf_refusals(tiny_models):

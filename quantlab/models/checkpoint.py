@@ -3,7 +3,8 @@
 ``load_checkpoint(uri)`` takes
   hf:DIR     a Hugging Face directory in compressed-tensors ``pack-quantized`` format, or GPTQ format
              (qweight/qzeros/scales/g_idx and quantize_config.json, or config.json's quantization_config);
-  gguf:FILE  a GGUF file whose block Linears are Q4_0 or Q8_0.
+  gguf:FILE  a GGUF Llama whose block Linears are Q4_0 or Q8_0 (F16/F32 ones stay float; K-quants are
+             refused), with its tokenizer files beside it (or tokenizer metadata in the file);
 and returns a calibrate.QuantizedModel: ``model`` is the float model (a quantlab HFModel) whose quantized
 Linears hold exactly ``qtensors[name].dequantize()`` in float32, ``qtensors`` are rebuilt from the file's
 own tensors (codes, scales, zeros, g_idx), and ``bytes['bytes_linear']`` is read from the file's tensor
@@ -12,7 +13,10 @@ sizes (``bytes_on_disk``: the weight files themselves).
 Code conventions on the way in: compressed-tensors stores signed codes (asymmetric ones shifted by
 -2^(b-1), as are their zero points); GPTQ stores unsigned codes and, in its v1 format, zero - 1 (a
 symmetric 4-bit GPTQ zero of 8 is stored as 7). Symmetric checkpoints become ``grid='full'`` schemes
-unless quantlab's own export metadata says the codes are on the restricted grid (then checked).
+unless quantlab's own export metadata says the codes are on the restricted grid (then checked). GGUF
+Q4_0 stores codes + 8 in nibbles and Q8_0 int8 codes, both with a float16 scale per 32 weights, and
+q/k rows in llama.cpp's rotary order (undone here); the gguf library's own Q4_0 quantizer divides by the
+signed peak over -8, so its scales may be negative and its codes reach -8.
 """
 from __future__ import annotations
 
@@ -47,8 +51,8 @@ def load_checkpoint(uri: str, device: str = "cpu"):
         file = Path(uri[len(GGUF_PREFIX):]).expanduser()
         if not file.is_file():
             raise FileNotFoundError(f"{uri}: {file} is not a file; gguf:FILE needs a .gguf file")
-        raise NotImplementedError(f"{uri}: reading GGUF checkpoints is not implemented yet; "
-                                  "use an hf: compressed-tensors or GPTQ directory")
+        qtensors, scheme, nbytes = _read_gguf(file)
+        return _assemble(file.parent, file.name, qtensors, scheme, "gguf", uri, device, linear_nbytes=nbytes)
     raise ValueError(f"unknown checkpoint {uri!r}; use hf:DIR (compressed-tensors or GPTQ) or gguf:FILE")
 
 
@@ -217,6 +221,98 @@ def _unpack_rows(packed: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------
+# GGUF (llama.cpp): Q4_0 and Q8_0 are quantlab schemes exactly (symmetric, groups of 32, float16 scales)
+
+GGUF_BLOCK = 32
+GGUF_QUANT_BITS = {"Q4_0": 4, "Q8_0": 8}
+GGUF_FLOAT_TYPES = ("F32", "F16", "BF16")   # a block Linear kept in float: loaded as is, no QTensor
+# A Llama block's Linears in Hugging Face names; the GGUF names come from the gguf package's own map.
+LLAMA_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+def _gguf_field(reader, key: str, default=None):
+    field = reader.fields.get(key)
+    return default if field is None else field.contents()
+
+
+def _read_gguf(file: Path) -> tuple[dict, Scheme, dict]:
+    """({HF Linear name: QTensor}, scheme, {name: bytes of its GGUF tensor}) of a Llama GGUF file."""
+    import gguf
+
+    from quantlab.export import _llama_unpermute
+
+    try:
+        reader = gguf.GGUFReader(file)
+    except (ValueError, OSError) as error:
+        raise CheckpointError(f"{file} is not a readable GGUF file ({error})") from None
+    arch = _gguf_field(reader, "general.architecture")
+    if arch != "llama":
+        # Each architecture has its own tensor names and llama.cpp row permutation; only Llama's is undone here.
+        raise CheckpointError(f"{file} is a GGUF {arch!r} model; quantlab reads GGUF llama files only "
+                              "(export the model as compressed-tensors and use hf:DIR instead)")
+    n_blocks = int(_gguf_field(reader, "llama.block_count"))
+    heads = {"q_proj": int(_gguf_field(reader, "llama.attention.head_count"))}
+    heads["k_proj"] = int(_gguf_field(reader, "llama.attention.head_count_kv", heads["q_proj"]))
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_blocks)
+    linears = {f"{names.get_name(hf)}.weight": hf for b in range(n_blocks)
+               for hf in (f"model.layers.{b}.{suffix}" for suffix in LLAMA_LINEARS)}
+    tensors = {t.name: t for t in reader.tensors if t.name in linears}
+    for name, tensor in sorted(tensors.items()):
+        kind = tensor.tensor_type.name
+        if kind not in GGUF_QUANT_BITS and kind not in GGUF_FLOAT_TYPES:
+            # K-quants (super-blocks of 256 with quantized sub-scales) and the others are not a quantlab grid:
+            # refused rather than dequantized and evaluated as if quantlab had quantized them.
+            raise CheckpointError(f"{file}: {name} is {kind}, which has no quantlab grid; quantlab reads GGUF "
+                                  "block Linears in Q4_0, Q8_0 or float (re-quantize with llama-quantize to Q4_0 or Q8_0)")
+    kinds = sorted({t.tensor_type.name for t in tensors.values() if t.tensor_type.name in GGUF_QUANT_BITS})
+    if not kinds:
+        raise CheckpointError(f"{file} has no Q4_0 or Q8_0 block Linears: it is a float model; "
+                              "evaluate it as the spec's model or a float scheme instead")
+    if len(kinds) > 1:
+        raise CheckpointError(f"{file} mixes {' and '.join(kinds)} block Linears; quantlab evaluates one scheme "
+                              "per model (re-quantize with llama-quantize --pure)")
+    bits = GGUF_QUANT_BITS[kinds[0]]
+    # Q4_0 codes span [-8, 7] and Q8_0's int8 storage [-128, 127]: the full grid, unless quantlab's own export
+    # says the codes were restricted (then _checked holds the file to it).
+    grid = _gguf_field(reader, "quantlab_export.grid", "full")
+    scheme = Scheme(bits, group_size=GGUF_BLOCK, grid=grid if grid in ("full", "restricted") else "full")
+    qtensors, nbytes = {}, {}
+    for name, tensor in sorted(tensors.items()):
+        if tensor.tensor_type.name not in GGUF_QUANT_BITS:
+            continue
+        hf = linears[name]
+        codes, scales = gguf_codes(tensor.data, bits)
+        head_count = heads.get(hf.rpartition(".")[2])
+        if head_count:   # llama.cpp stores q/k rows in its rotary order
+            codes, scales = _llama_unpermute(codes, head_count), _llama_unpermute(scales, head_count)
+        qtensors[hf] = _checked(file, hf, QTensor(_narrow(codes.contiguous(), scheme), scales.contiguous(), None, scheme))
+        nbytes[hf] = int(tensor.n_bytes)
+    return qtensors, scheme, nbytes
+
+
+def gguf_codes(blocks, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_0 / Q8_0 rows (out, in/32 * block bytes, uint8) -> (codes (out, in) int16, float16 scales (out, in/32)).
+
+    ggml-quants.h: block_q4_0 is a float16 d then 16 bytes, byte j holding weight j in its low nibble and
+    weight j+16 in its high nibble, each stored q + 8; block_q8_0 is d then 32 int8 codes. Weight = q * d."""
+    import numpy as np
+
+    rows = np.ascontiguousarray(blocks, dtype=np.uint8)
+    width = 2 + (GGUF_BLOCK // 2 if bits == 4 else GGUF_BLOCK)
+    out_features = rows.shape[0]
+    rows = rows.reshape(out_features, -1, width)
+    scales = np.ascontiguousarray(rows[..., :2]).view(np.float16)[..., 0]
+    qs = rows[..., 2:]
+    if bits == 4:
+        codes = np.concatenate([qs & np.uint8(0x0F), qs >> np.uint8(4)], axis=-1).astype(np.int16) - 8
+    else:
+        codes = np.ascontiguousarray(qs).view(np.int8).astype(np.int16)
+    return (torch.from_numpy(codes.reshape(out_features, -1).copy()),
+            torch.from_numpy(scales.copy()))
+
+
+# ----------------------------------------------------------------------------------------------
 # Shared
 
 
@@ -248,8 +344,9 @@ def _checked(path, name: str, qt: QTensor, allow_v1_zero: bool = False) -> QTens
 
 
 def _assemble(directory: Path, gguf_file: Optional[str], qtensors: dict, scheme: Scheme, kind: str, uri: str,
-              device: str):
-    """Float model from the directory's config and unquantized tensors, quantized Linears set from qtensors."""
+              device: str, linear_nbytes: Optional[dict] = None):
+    """Float model from the directory's config and unquantized tensors, quantized Linears set from qtensors.
+    ``linear_nbytes``: each quantized Linear's bytes as the file stores them (default: from its QTensor)."""
     from quantlab.calibrate import QuantizedModel
     from quantlab.models.hf import wrap_hf
 
@@ -269,7 +366,7 @@ def _assemble(directory: Path, gguf_file: Optional[str], qtensors: dict, scheme:
             # Exactly quantlab's dequantization in float32: what quantlab evaluates for a quantized model.
             linear.weight.copy_(qt.dequantize().to(linear.weight.dtype))
     module.to(device)
-    file_bytes = {name: _file_nbytes(qt) for name, qt in qtensors.items()}
+    file_bytes = linear_nbytes or {name: _file_nbytes(qt) for name, qt in qtensors.items()}
     bytes_ = deployable_bytes(model, qtensors, scheme, KEEP_KINDS, linear_nbytes=file_bytes)
     bytes_["bytes_on_disk"] = sum(f.stat().st_size for f in weight_files)
     return QuantizedModel(model=model, scheme=scheme, method=kind, qtensors=qtensors, bytes=bytes_)
@@ -317,12 +414,25 @@ def _name_of(root, target) -> str:
     return next(name for name, m in root.named_modules() if m is target)
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
 def _tokenizer(directory: Path, gguf_file: Optional[str] = None):
+    """The tokenizer saved in ``directory``; for a GGUF file without tokenizer files beside it, the one its
+    metadata describes. Files beside a GGUF come first: transformers rebuilds a GGUF tokenizer as another
+    class (GPT2Tokenizer for byte-level BPE), which the spec's model's tokenizer would not match."""
     from transformers import AutoTokenizer
 
+    beside = not gguf_file or any((directory / name).is_file() for name in TOKENIZER_FILES)
+    if gguf_file and not beside:
+        import gguf
+
+        if "tokenizer.ggml.model" not in gguf.GGUFReader(directory / gguf_file).fields:
+            raise CheckpointError(f"{directory / gguf_file} has no tokenizer metadata and no tokenizer files beside "
+                                  f"it; save the model's tokenizer into {directory} (tokenizer.save_pretrained)")
     try:
         return AutoTokenizer.from_pretrained(directory, local_files_only=True,
-                                             **({"gguf_file": gguf_file} if gguf_file else {}))
+                                             **({} if beside else {"gguf_file": gguf_file}))
     except (OSError, ValueError, KeyError) as error:
         raise CheckpointError(f"{directory}: no usable tokenizer ({type(error).__name__}); save the tokenizer "
                               "files (tokenizer.json, tokenizer_config.json) next to the weights") from None
