@@ -186,11 +186,12 @@ class SpecRun:
         """Whether the scheme's layout can be exported and served, per format (quantlab.export)."""
         if cfg.method in ("float", "checkpoint"):
             return None
+        from quantlab.export import servability_table
+
         try:
-            from quantlab.export import servability_table
-        except ImportError:   # without the [hf] extra nothing can be exported: say nothing
+            return servability_table(self.model, {name: cfg})[name]
+        except ModuleNotFoundError:   # transformers comes with the [hf] extra: without it, nothing to say
             return None
-        return servability_table(self.model, {name: cfg})[name]
 
     def scheme_result(self, spec: Spec, name: str) -> SchemeResult:
         cfg = spec.schemes[name]

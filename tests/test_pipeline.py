@@ -192,3 +192,13 @@ def test_ctrl_c_in_a_run_leaves_whole_entries_and_says_a_rerun_resumes(tmp_path,
     assert "\n" not in message and "1 new result(s) stored" in message and "a rerun resumes" in message
     entries = sorted(p.name for p in (tmp_path / "cache").iterdir() if not p.name.endswith(".lock"))
     assert len(entries) == 1 and json.loads((tmp_path / "cache" / entries[0]).read_text())["ppl"] == 10.0
+
+
+def test_without_the_hf_extra_servability_is_left_unsaid_not_a_crash(monkeypatch, tmp_path, make_minigpt):
+    # `pip install quantlab` has no transformers: the engine must still run every scheme.
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    spec = spec_of()
+    runner = SpecRun(spec, SchemeCache(tmp_path / "cache"))
+    runner.__dict__["model"] = make_minigpt(block_size=32)
+    assert runner.servable("rtn", spec.schemes["rtn"]) is None
+    assert runner.servable("fp32", spec.schemes["fp32"]) is None
