@@ -13,6 +13,11 @@ The protocol, identical for every scheme and model kind (and stated in ``EvalPla
   closer to independent samples. se(mean NLL) = std(window mean NLL) / sqrt(windows), and the delta
   method gives se(ppl) = ppl * se(mean NLL). With a single window there is no spread to measure: None.
 - KL(baseline || model) per scored position, over the full vocabulary, streamed batch by batch.
+- The paired statistics llama.cpp's perplexity tool reports for a KL-divergence run (ln(PPL(Q)/PPL(base)),
+  the NLL correlation, KLD and Δp percentiles, standard errors) come from ``quantlab.statistics``, with
+  every standard error taken across windows as above; the per-window means (``window_nll``,
+  ``window_kld``, ``window_top1``) and each task's per-item 0/1 ``correct`` are kept in the result, so
+  an assertion can compare two schemes pair by pair.
 
 Every metric that could not be computed (no baseline, one window, NaN logits) is None, never NaN, so
 results serialise to strict JSON.
@@ -33,12 +38,18 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from quantlab.metrics import METRICS, ppl_gap
+from quantlab import statistics
+from quantlab.metrics import FAMILIES, METRICS, ppl_gap
 from quantlab.models.base import LanguageModel
 from quantlab.results import finite as finite_or_none
 
-# The keys ``evaluate`` returns: the registry's evaluation metrics, plus the per-task results.
-METRIC_KEYS = tuple(name for name, m in METRICS.items() if m.source == "evaluate") + ("tasks",)
+# Per-window means kept in each scheme's result, so two schemes can be compared window by window.
+WINDOW_KEYS = ("window_nll", "window_kld", "window_top1")
+
+# The keys ``evaluate`` returns: the registry's evaluation metrics and percentile families, the per-window
+# means, plus the per-task results.
+METRIC_KEYS = (tuple(name for name, m in METRICS.items() if m.source == "evaluate") + tuple(FAMILIES)
+               + WINDOW_KEYS + ("tasks",))
 
 # Caching the baseline's log-probs saves one baseline forward pass per window for every scheme after
 # the first; above this size (SmolLM2: 49,152 x 4 bytes per scored token, so ~5,000 tokens) they are
@@ -476,13 +487,14 @@ def evaluate(model: LanguageModel, plan: EvalPlan, baseline: Union[LanguageModel
     gap = None
     if windows.baseline_nll is not None:
         gap = ppl_gap(ppl["ppl"], perplexity_summary(windows.baseline_nll)["ppl"])
+    paired = paired_statistics(windows)
 
     tasks, task_nonfinite = {}, 0
     for name, items in plan.tasks.items():
         # As many tokens per forward pass as a window batch: the same memory, far fewer passes.
         correct, nonfinite = score_items(model, items, plan.length_normalize, plan.batch_size * plan.seq_len,
                                          plan.device)
-        tasks[name] = accuracy_summary(correct)
+        tasks[name] = {**accuracy_summary(correct), "correct": [int(c) for c in correct]}
         task_nonfinite += nonfinite
 
     seconds = time.perf_counter() - started
@@ -492,12 +504,30 @@ def evaluate(model: LanguageModel, plan: EvalPlan, baseline: Union[LanguageModel
         "ppl_gap": finite_or_none(gap),
         "bits_per_byte": ppl["bits_per_byte"],
         **kl,
+        **paired,
         "tasks": tasks,
         "nan_count": nan_count(model) + windows.nonfinite_logits + task_nonfinite,
         "eval_tokens": ppl["eval_tokens"],
         "eval_seconds": seconds,
         "tokens_per_second": windows.forward_tokens / windows.seconds if windows.seconds > 0 else None,
     }
+
+
+def paired_statistics(windows: WindowPass) -> dict:
+    """The statistics of ``quantlab.statistics`` for one window pass: window_nll always; with a baseline
+    the paired log-ratio, NLL correlation, Δp and KL statistics (None where not computed)."""
+    nll = windows.nll.double()
+    out = dict.fromkeys(("ppl_gap_stderr", "ln_ppl_ratio", "ln_ppl_ratio_stderr", "nll_correlation", "kld_stderr",
+                         "kld_percentiles", "top1_agreement_stderr", "delta_p_mean", "delta_p_stderr", "delta_p_rms",
+                         "delta_p_rms_stderr", "delta_p_percentiles", *WINDOW_KEYS))
+    out["window_nll"] = statistics.window_means(nll)
+    if windows.baseline_nll is not None:
+        base = windows.baseline_nll.double()
+        out.update(statistics.log_ppl_ratio(out["window_nll"], statistics.window_means(base)))
+        out.update(statistics.delta_p_statistics(nll, base))
+    if windows.kld is not None:
+        out.update(statistics.kl_statistics(windows.kld, windows.top1_agree))
+    return out
 
 
 def _as_baseline(baseline: Union[LanguageModel, BaselineLogProbs], plan: EvalPlan) -> BaselineLogProbs:

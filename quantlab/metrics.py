@@ -5,6 +5,10 @@ returns), the results type (its fields), the report (units, which way is better)
 all read ``METRICS``; a metric is added here once. ``tasks.<task>.acc`` (and ``acc_stderr``, ``n``) are
 metrics too, one per task a spec evaluates (``TASK_METRIC``).
 
+A percentile family (``kld_percentiles``, ``delta_p_percentiles``: ``FAMILIES``) is one dict-valued
+field of a scheme's entry; each member is a metric of its own (``kld_percentiles.p99_9``), found by
+``lookup`` and read by ``resolve`` like a task's accuracy.
+
 A dotted metric path is resolved by ``resolve`` alone, and the perplexity gap is computed by
 ``ppl_gap`` alone.
 """
@@ -15,6 +19,8 @@ import math
 import re
 from dataclasses import dataclass
 from typing import Optional
+
+from quantlab.statistics import DELTA_P_PERCENTILES, KLD_PERCENTILES
 
 
 @dataclass(frozen=True)
@@ -35,11 +41,25 @@ METRICS = _table(
     ("ppl", "perplexity on the evaluation split", "", False, "evaluate"),
     ("ppl_stderr", "standard error of ppl, across windows", "", None, "evaluate"),
     ("ppl_gap", "ppl / baseline ppl - 1, on the same windows", "", False, "evaluate"),
+    ("ppl_gap_stderr", "standard error of ppl_gap: exp(ln_ppl_ratio) * ln_ppl_ratio_stderr (delta method)", "",
+     None, "evaluate"),
+    ("ln_ppl_ratio", "ln(ppl / baseline ppl) = mean NLL - the baseline's mean NLL, on the same windows", "nats",
+     False, "evaluate"),
+    ("ln_ppl_ratio_stderr", "standard error of ln_ppl_ratio from the paired per-window NLL differences", "nats",
+     None, "evaluate"),
+    ("nll_correlation", "correlation of the per-window mean NLLs with the baseline's", "", True, "evaluate"),
     ("bits_per_byte", "mean NLL in bits per scored byte (byte-level models only)", "bits", False, "evaluate"),
     ("kld_mean", "mean KL divergence from the baseline's next-token distribution", "nats", False, "evaluate"),
+    ("kld_stderr", "standard error of kld_mean, across windows", "nats", None, "evaluate"),
     ("kld_median", "median KL divergence from the baseline", "nats", False, "evaluate"),
     ("kld_p99", "99th percentile KL divergence from the baseline", "nats", False, "evaluate"),
     ("top1_agreement", "share of positions where the top-1 token matches the baseline's", "", True, "evaluate"),
+    ("top1_agreement_stderr", "standard error of top1_agreement, across windows", "", None, "evaluate"),
+    ("delta_p_mean", "mean change in the probability of the correct token, p - p_baseline", "", None, "evaluate"),
+    ("delta_p_stderr", "standard error of delta_p_mean, across windows", "", None, "evaluate"),
+    ("delta_p_rms", "root mean square of the change in the probability of the correct token", "", False,
+     "evaluate"),
+    ("delta_p_rms_stderr", "standard error of delta_p_rms: se(mean dp^2) / (2 delta_p_rms)", "", None, "evaluate"),
     ("nan_count", "NaN/Inf values in weights and logits", "", False, "evaluate"),
     ("eval_tokens", "tokens scored for perplexity", "tokens", None, "evaluate"),
     ("eval_seconds", "wall seconds to evaluate", "s", False, "evaluate"),
@@ -62,6 +82,24 @@ TASK_FIELDS = {
 }
 TASK_METRIC = re.compile(r"tasks\.([\w-]+)\.(" + "|".join(TASK_FIELDS) + r")")
 
+# Dict-valued metrics: one field of a scheme's entry holding a family, each member a metric
+# (``kld_percentiles.p99_9``). Percentiles are over every scored position, interpolated linearly.
+FAMILIES = {
+    "kld_percentiles": (Metric("kld_percentiles", "percentiles of the per-position KL divergence from the baseline",
+                               "nats", False, "evaluate"), tuple(KLD_PERCENTILES)),
+    "delta_p_percentiles": (Metric("delta_p_percentiles", "percentiles of the per-position change in the probability "
+                                   "of the correct token, p - p_baseline", "", None, "evaluate"),
+                            tuple(DELTA_P_PERCENTILES)),
+}
+
+
+def _member(family: str, key: str) -> Metric:
+    m = FAMILIES[family][0]
+    what = {"max": "maximum", "min": "minimum", "median": "median"}.get(key, key[1:].replace("_", ".") + "th percentile")
+    return Metric(f"{family}.{key}", f"{what} of {m.description.split(' of ', 1)[1]}", m.unit, m.higher_is_better,
+                  m.source)
+
+
 # Per-layer statistics a golden layers file may record.
 LAYER_METRICS = ("rel_loss", "rtn_rel_loss")
 
@@ -72,6 +110,9 @@ def lookup(name) -> Optional[Metric]:
         return None
     if name in METRICS:
         return METRICS[name]
+    family, _, key = name.partition(".")
+    if family in FAMILIES and key in FAMILIES[family][1]:
+        return _member(family, key)
     match = TASK_METRIC.fullmatch(name)
     return TASK_FIELDS[match.group(2)] if match else None
 
@@ -82,8 +123,10 @@ def is_metric(name) -> bool:
 
 def unknown_metric_hint(name) -> str:
     """'did you mean ...?' or the list of known metrics, for an error message."""
-    close = difflib.get_close_matches(str(name), list(METRICS), n=1)
-    return f"did you mean {close[0]!r}?" if close else f"known metrics: {', '.join(METRICS)}, tasks.<task>.acc"
+    members = [f"{f}.{k}" for f, (_, keys) in FAMILIES.items() for k in keys]
+    close = difflib.get_close_matches(str(name), list(METRICS) + members, n=1)
+    return f"did you mean {close[0]!r}?" if close else (f"known metrics: {', '.join(METRICS)}, "
+                                                      f"{', '.join(f + '.<p>' for f in FAMILIES)}, tasks.<task>.acc")
 
 
 def resolve(entry, path: str):

@@ -159,12 +159,15 @@ class TaskResult:
     acc: Optional[float]
     acc_stderr: Optional[float]
     n: int
+    correct: Optional[list] = None     # 0/1 per item, in item order: paired (McNemar) comparisons of schemes
 
     def __post_init__(self):
         _normalise_floats(self)
+        if self.correct is not None:
+            object.__setattr__(self, "correct", [int(bool(c)) for c in self.correct])
 
     def to_json(self) -> dict:
-        return {"acc": self.acc, "acc_stderr": self.acc_stderr, "n": self.n}
+        return {"acc": self.acc, "acc_stderr": self.acc_stderr, "n": self.n, "correct": self.correct}
 
     @classmethod
     def from_json(cls, data: Mapping) -> "TaskResult":
@@ -180,11 +183,26 @@ class SchemeResult:
     ppl: Optional[float] = None
     ppl_stderr: Optional[float] = None
     ppl_gap: Optional[float] = None
+    ppl_gap_stderr: Optional[float] = None
+    ln_ppl_ratio: Optional[float] = None
+    ln_ppl_ratio_stderr: Optional[float] = None
+    nll_correlation: Optional[float] = None
     bits_per_byte: Optional[float] = None
     kld_mean: Optional[float] = None
+    kld_stderr: Optional[float] = None
     kld_median: Optional[float] = None
     kld_p99: Optional[float] = None
+    kld_percentiles: Optional[dict] = None             # max, p99_9, p99, ..., median, ..., p0_1, min
     top1_agreement: Optional[float] = None
+    top1_agreement_stderr: Optional[float] = None
+    delta_p_mean: Optional[float] = None
+    delta_p_stderr: Optional[float] = None
+    delta_p_rms: Optional[float] = None
+    delta_p_rms_stderr: Optional[float] = None
+    delta_p_percentiles: Optional[dict] = None         # as kld_percentiles, plus p75 and p25
+    window_nll: Optional[list] = None                  # mean NLL per evaluation window: paired comparisons
+    window_kld: Optional[list] = None                  # mean KL divergence per window
+    window_top1: Optional[list] = None                 # top-1 agreement per window
     tasks: dict = field(default_factory=dict)          # task name -> TaskResult
     nan_count: Optional[int] = None
     eval_tokens: Optional[int] = None
@@ -214,6 +232,12 @@ class SchemeResult:
 
     def __post_init__(self):
         _normalise_floats(self)
+        for name in ("window_nll", "window_kld", "window_top1"):          # strict JSON: null, never NaN
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, [finite(v) for v in getattr(self, name)])
+        for name in ("kld_percentiles", "delta_p_percentiles"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, {str(k): finite(v) for k, v in getattr(self, name).items()})
         if self.servable is not None:
             # lists, as JSON reads them back, so a result equals itself read from results.json
             object.__setattr__(self, "servable", {str(k): [bool(v[0]), str(v[1])] for k, v in self.servable.items()})

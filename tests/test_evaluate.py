@@ -348,3 +348,20 @@ def test_evaluate_ppl_gap_is_relative_to_the_baseline_on_the_same_windows(make_m
     expected = result["ppl"] / perplexity(baseline, tokens, seq_len=64)["ppl"] - 1
     assert result["ppl_gap"] == pytest.approx(expected, rel=1e-6)
     assert evaluate(baseline, plan, baseline)["ppl_gap"] == 0.0
+
+
+def test_evaluate_keeps_per_window_means_per_item_correctness_and_the_paired_statistics(make_minigpt):
+    baseline = make_minigpt()
+    plan = EvalPlan(random_bytes(64 * 4), seq_len=64, tasks={"t": [MCItem("ab__", ["c", "d"], 0)] * 3})
+    result = evaluate(perturbed(baseline), plan, baseline)
+    assert len(result["window_nll"]) == len(result["window_kld"]) == len(result["window_top1"]) == 4
+    # ppl is exp of the mean of the per-window means (every window scores the same number of tokens)
+    assert math.exp(sum(result["window_nll"]) / 4) == pytest.approx(result["ppl"])
+    assert math.exp(result["ln_ppl_ratio"]) - 1 == pytest.approx(result["ppl_gap"])
+    assert result["ppl_gap_stderr"] == pytest.approx(math.exp(result["ln_ppl_ratio"]) * result["ln_ppl_ratio_stderr"])
+    assert result["kld_percentiles"]["median"] == result["kld_median"] and result["kld_percentiles"]["p99"] == result["kld_p99"]
+    assert sum(result["window_kld"]) / 4 == pytest.approx(result["kld_mean"])
+    assert result["tasks"]["t"]["correct"] in ([0, 0, 0], [1, 1, 1]) and result["tasks"]["t"]["n"] == 3
+    json.dumps(result, allow_nan=False)
+    alone = evaluate(baseline, plan)                        # no baseline: only window_nll of the new keys
+    assert len(alone["window_nll"]) == 4 and alone["ln_ppl_ratio"] is None and alone["kld_percentiles"] is None

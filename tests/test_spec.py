@@ -87,6 +87,13 @@ BROKEN = {
     "checkpoint_missing.yaml": (4, "checkpoint 'gguf:no/such/model.gguf': 'no/such/model.gguf' is not a file"),
     "checkpoint_with_bits.yaml": (6, "a checkpoint scheme takes no 'bits'"),
     "method_checkpoint_without_file.yaml": (4, "method checkpoint needs checkpoint: hf:PATH or gguf:FILE"),
+    # confidence (issue 15): only on metrics with a standard error, a level in (0.5, 1), an inequality, paired units
+    "confidence_on_bytes.yaml": (6, "bytes_total has no standard error to take a confidence from; confidence works "
+                                    "with ppl, ppl_gap, kld_mean, top1_agreement, tasks.<task>.acc"),
+    "confidence_out_of_range.yaml": (6, "confidence must be in (0.5, 1), e.g. 0.95"),
+    "confidence_on_equality.yaml": (6, "confidence applies to <, <=, > and >=, not '=='"),
+    "confidence_unpaired_units.yaml": (10, "tasks.verb_tense.acc is over items of verb_tense and top1_agreement over "
+                                           "windows"),
 }
 
 
@@ -164,7 +171,8 @@ def test_comparison_against_another_scheme_reports_value_threshold_and_margin():
                       source="s.yaml")
     outcome = check(spec.expect[0], _results(a={"ppl": 10.0}, b={"ppl": 12.0}), spec)
     assert isinstance(outcome, Outcome) and not outcome.passed
-    assert "ppl of b = 12 is not < ppl of a (11)" in outcome.message and "margin -1" in outcome.message
+    # what was compared: a's value, the scaling, and the threshold it made (not 11 passed off as a's ppl)
+    assert "ppl of b = 12 is not < a's 10 \u00d7 1.1 = 11" in outcome.message and "margin -1" in outcome.message
     assert check(spec.expect[0], _results(a={"ppl": 10.0}, b={"ppl": 10.5}), spec).passed
 
 

@@ -19,8 +19,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from quantlab import statistics
 from quantlab.analysis import pareto_frontier
-from quantlab.metrics import METRICS, is_metric, resolve, unknown_metric_hint
+from quantlab.metrics import METRICS, TASK_METRIC, is_metric, resolve, unknown_metric_hint
 from quantlab.spec.located import Ctx, LocatedList, SpecError, check_keys, get_value, number
 from quantlab.spec.view import A_METHOD, SpecView, check_metric, scheme_names  # noqa: F401
 
@@ -56,6 +57,7 @@ class Outcome:
     passed: bool
     message: str          # one line: what was measured, against what, and by how much
     measured: Any = None
+    inconclusive: bool = False   # failed only because the confidence interval straddles the threshold
 
 
 def fmt(v) -> str:
@@ -80,11 +82,60 @@ class Check:
         raise NotImplementedError
 
 
+# Metrics an assertion may state with ``confidence``: each is a smooth function of a mean over independent
+# units (evaluation windows, or a task's items), so its standard error and a paired difference exist.
+CONFIDENCE_METRICS = ("ppl", "ppl_gap", "kld_mean", "top1_agreement", "tasks.<task>.acc")
+CONFIDENCE_OPERATORS = ("<", "<=", ">", ">=")
+
+
+def confidence_units(metric: str) -> Optional[str]:
+    """What ``metric``'s standard error is taken over ('windows', or 'items of <task>'); None when it
+    does not support confidence."""
+    if metric in ("ppl", "ppl_gap", "kld_mean", "top1_agreement"):
+        return "windows"
+    match = TASK_METRIC.fullmatch(metric) if isinstance(metric, str) else None
+    return f"items of {match.group(1)}" if match and match.group(2) == "acc" else None
+
+
+def unit_values(results, scheme: str, metric: str):
+    """(value, per-unit influence values) of a confidence metric, or (None, why not).
+
+    The value is a smooth function g of a mean over units; the influence of unit i is g'(mean) u_i, so
+    std(influence) / sqrt(n) is the delta-method standard error of the value, and influences of two
+    schemes on the same units subtract to the paired difference's. ppl = exp(mean window NLL);
+    ppl_gap = exp(mean paired NLL difference to the baseline) - 1; kld_mean, top1_agreement and a task's
+    acc are plain means of per-window (per-item) values."""
+    entry = results["results"][scheme]
+    if metric.startswith("tasks."):
+        task = metric.split(".")[1]
+        units = ((entry.get("tasks") or {}).get(task) or {}).get("correct")
+    elif metric in ("ppl", "ppl_gap"):
+        units = entry.get("window_nll")
+        if metric == "ppl_gap":
+            base = (results["results"].get(results.get("baseline")) or {}).get("window_nll")
+            units = None if units is None or base is None or len(base) != len(units) or None in base or None in units \
+                else [a - b for a, b in zip(units, base)]
+    else:
+        units = entry.get({"kld_mean": "window_kld", "top1_agreement": "window_top1"}[metric])
+    if not units or any(u is None or not math.isfinite(u) for u in units):
+        return None, (f"{metric} of {scheme} has no per-{'item' if metric.startswith('tasks.') else 'window'} values "
+                      "to take a confidence from (not measured, non-finite, or recorded by an older quantlab: re-run "
+                      "the spec)")
+    mean = sum(units) / len(units)
+    if metric == "ppl":
+        value = math.exp(mean)
+        return value, [value * u for u in units]
+    if metric == "ppl_gap":
+        return math.exp(mean) - 1.0, [math.exp(mean) * u for u in units]
+    return mean, [float(u) for u in units]
+
+
 class Compare(Check):
-    """``{metric: ppl_gap, scheme: q, "<": 0.15}``, or against another scheme's metric."""
+    """``{metric: ppl_gap, scheme: q, "<": 0.15}``, or against another scheme's metric; with
+    ``confidence: 0.95`` it passes only when the one-sided bound is beyond the threshold."""
 
     name = "compare"
-    keys = frozenset({"metric", "scheme", "xfail", *OPERATORS})
+    keys = frozenset({"metric", "scheme", "xfail", "confidence", *OPERATORS})
 
     def parse(self, item, ctx, spec, xfail):
         check_keys(item, self.keys, ctx, "a metric assertion")
@@ -114,8 +165,35 @@ class Compare(Check):
             raise ctx.error(f"the threshold after {op!r} must be a number or {{metric, scheme}}, got {rhs!r}", op)
         else:
             number(rhs, ctx, op, f"the threshold after {op!r}")
-        return [Expectation(self.name, ctx.line(), s, item["metric"], op, rhs, xfail=xfail)
+        options = {}
+        if "confidence" in item:
+            options["confidence"] = self._confidence(item, op, rhs, ctx)
+        return [Expectation(self.name, ctx.line(), s, item["metric"], op, rhs, options=dict(options), xfail=xfail)
                 for s in scheme_names(item, "scheme", ctx, spec.schemes)]
+
+    @staticmethod
+    def _confidence(item, op, rhs, ctx) -> float:
+        level = number(item["confidence"], ctx, "confidence", "confidence")
+        if not 0.5 < level < 1:
+            raise ctx.error(f"confidence must be in (0.5, 1), e.g. 0.95 for a one-sided 95% bound, got {level:g}",
+                            "confidence")
+        if op not in CONFIDENCE_OPERATORS:
+            raise ctx.error(f"confidence applies to <, <=, > and >=, not {op!r}: an interval never shows equality",
+                            "confidence")
+        units = confidence_units(item["metric"])
+        if units is None:
+            raise ctx.error(f"{item['metric']} has no standard error to take a confidence from; confidence works "
+                            f"with {', '.join(CONFIDENCE_METRICS)}; drop confidence", "confidence")
+        if isinstance(rhs, dict):
+            other = confidence_units(rhs["metric"])
+            if other is None:
+                raise ctx.error(f"{rhs['metric']} on the right-hand side has no standard error; confidence works with "
+                                f"{', '.join(CONFIDENCE_METRICS)}; drop confidence", "confidence")
+            if other != units:
+                raise ctx.error(f"confidence needs both sides measured on the same units for a paired difference, but "
+                                f"{item['metric']} is over {units} and {rhs['metric']} over {other}; drop confidence",
+                                "confidence")
+        return level
 
     def evaluate(self, exp, results):
         measured = metric_value(results, exp.scheme, exp.metric)
@@ -125,17 +203,95 @@ class Compare(Check):
             if other is None:
                 return Outcome(False, f"{rhs['metric']} of {rhs['scheme']} was not computed, so it cannot be compared")
             threshold = other * rhs["times"] + rhs["plus"]
-            against = f"{rhs['metric']} of {rhs['scheme']} ({fmt(threshold)})"
+            against = describe_rhs(exp.metric, rhs, other, threshold)
         else:
             threshold, against = exp.threshold, fmt(exp.threshold)
         if measured is None:
             return Outcome(False, f"{exp.metric} of {exp.scheme} was not computed (null); enable it in evaluation")
         if isinstance(measured, float) and math.isnan(measured):
             return Outcome(False, f"{exp.metric} of {exp.scheme} is NaN", measured)
+        if "confidence" in exp.options:
+            return self._with_confidence(exp, results, measured, against)
         ok = OPERATORS[exp.op](measured, threshold)
         margin = threshold - measured if exp.op in ("<", "<=") else measured - threshold
         return Outcome(ok, f"{exp.metric} of {exp.scheme} = {fmt(measured)} {'' if ok else 'is not '}{exp.op} {against}"
                            f" (margin {fmt(margin)})", measured)
+
+    @staticmethod
+    def _with_confidence(exp, results, measured, against) -> Outcome:
+        """Decide on the one-sided bound of D = lhs - rhs (rhs = other * times + plus, or a number): its
+        standard error comes from the per-unit influences, paired unit by unit against another scheme."""
+        level = exp.options["confidence"]
+        z, pct = statistics.z_value(level), f"{100 * level:g}%"
+        value, influence = unit_values(results, exp.scheme, exp.metric)
+        if value is None:
+            return Outcome(False, influence, measured)
+        paired = isinstance(exp.threshold, dict)
+        if paired:
+            rhs = exp.threshold
+            other, other_influence = unit_values(results, rhs["scheme"], rhs["metric"])
+            if other is None:
+                return Outcome(False, other_influence, measured)
+            if len(other_influence) != len(influence):
+                return Outcome(False, f"{exp.metric} of {exp.scheme} and {rhs['metric']} of {rhs['scheme']} were "
+                                      f"measured on {len(influence)} and {len(other_influence)} units: no paired "
+                                      "difference", measured)
+            threshold = other * rhs["times"] + rhs["plus"]
+            influence = [a - rhs["times"] * b for a, b in zip(influence, other_influence)]
+        else:
+            threshold = exp.threshold
+        units = "items" if exp.metric.startswith("tasks.") else "windows"
+        ddof = 0 if units == "items" else 1       # items: binomial and McNemar; windows: as ppl_stderr
+        n = len(influence)
+        if n <= ddof:
+            return Outcome(False, f"{exp.metric} of {exp.scheme} was measured on {n} {units[:-1]}: no spread to take "
+                                  f"a {pct} bound from; evaluate more tokens", measured)
+        mean_i = sum(influence) / n
+        sd = math.sqrt(sum((v - mean_i) ** 2 for v in influence) / (n - ddof))
+        se = sd / math.sqrt(n)
+        difference = value - threshold
+        verdict = statistics.decide(difference, se, exp.op, z)
+        upper = exp.op in ("<", "<=")
+        # A pass shows the bound on the far side of op; a failure the near one, which is already out of reach.
+        side = "upper" if upper == (verdict != "fail") else "lower"
+        bound = difference + (z if side == "upper" else -z) * se
+        op = _negated(exp.op) if verdict == "fail" else exp.op
+        if paired:
+            head = (f"{exp.metric} of {exp.scheme} = {fmt(measured)} vs {against}: difference {fmt(difference)}, "
+                    f"{pct} {side} bound {fmt(bound)}")
+            rel = f"{op} 0" if verdict != "inconclusive" else f"is not {op} 0"
+            detail = f" (paired over {n} {units}, se {fmt(se)})"
+        else:
+            head = f"{exp.metric} of {exp.scheme} = {fmt(measured)}, {pct} {side} bound {fmt(threshold + bound)}"
+            rel = f"{op} {against}" if verdict != "inconclusive" else f"is not {op} {against}"
+            detail = f" (se {fmt(se)} over {n} {units})"
+        if verdict == "pass":
+            return Outcome(True, f"{head} {rel}{detail}", measured)
+        if verdict == "fail":
+            return Outcome(False, f"{head} {rel}{detail}: fails at {pct}", measured)
+        needed = statistics.units_needed(sd, difference, z)
+        more = "evaluate more tokens" if units == "windows" else "score more items"
+        settle = (f"{needed} {units} needed at this spread, {n} evaluated" if needed is not None
+                  else f"the estimate sits on the threshold: no number of {units} settles it")
+        return Outcome(False, f"{head} {rel}{detail}: inconclusive at {pct}: {more} ({settle})", measured,
+                       inconclusive=True)
+
+
+def _negated(op: str) -> str:
+    return {"<": ">=", "<=": ">", ">": "<=", ">=": "<"}[op]
+
+
+def describe_rhs(metric: str, rhs: dict, other, threshold) -> str:
+    """The right-hand side as computed: 'fp32's 0.941667 - 0.05 = 0.891667', 'ppl of fp32 (5.62)'."""
+    if rhs["times"] == 1 and rhs["plus"] == 0:
+        return f"{rhs['metric']} of {rhs['scheme']} ({fmt(other)})"
+    named = f"{rhs['scheme']}'s" + ("" if rhs["metric"] == metric else f" {rhs['metric']}")
+    text = f"{named} {fmt(other)}"
+    if rhs["times"] != 1:
+        text += f" \u00d7 {fmt(rhs['times'])}"
+    if rhs["plus"] != 0:
+        text += f" {'-' if rhs['plus'] < 0 else '+'} {fmt(abs(rhs['plus']))}"
+    return f"{text} = {fmt(threshold)}"
 
 
 class Grid(Check):
