@@ -19,6 +19,7 @@ and share the atomic directory writing; a module per format would split that one
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -248,7 +249,8 @@ def export_compressed_tensors(quantized, out_dir, *, tokenizer_source=None, over
 
     def write(tmp: Path) -> None:
         # transformers writes config.json, generation_config.json and safetensors (dropping tied copies).
-        module.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+        with _float_for_saving(module):
+            module.save_pretrained(tmp, state_dict=state, safe_serialization=True)
         ModelCompressor(quantization_config=config).update_config(str(tmp))
         _add_to_config(tmp / "config.json", {METADATA_KEY: metadata})
         _save_tokenizer(quantized.model, tokenizer_source, tmp)
@@ -258,6 +260,28 @@ def export_compressed_tensors(quantized, out_dir, *, tokenizer_source=None, over
     return ExportInfo(path=out, format=COMPRESSED_TENSORS, files=files,
                       bytes_on_disk=sum(p.stat().st_size for p in out.glob("*.safetensors")),
                       bytes_quantized=bytes_quantized, n_quantized=len(names), metadata=metadata)
+
+
+@contextlib.contextmanager
+def _float_for_saving(module):
+    """A model transformers loaded from a GGUF (SmolLM2) carries its GGUF quantizer, so save_pretrained refuses
+    it ("not serializable") although its weights are plain float32 (dequantized at load). Hide the quantizer
+    and its config while saving, then put them back: the module is the caller's."""
+    quantizer = getattr(module, "hf_quantizer", None)
+    config = module.config
+    qconfig = getattr(config, "quantization_config", None)
+    if quantizer is None and qconfig is None:
+        yield
+        return
+    module.hf_quantizer = None
+    if qconfig is not None:
+        del config.quantization_config
+    try:
+        yield
+    finally:
+        module.hf_quantizer = quantizer
+        if qconfig is not None:
+            config.quantization_config = qconfig
 
 
 def _metadata(quantized) -> dict:

@@ -240,3 +240,19 @@ def test_gguf_refusals(tiny_models):
     ok, reason = export.servability(Scheme(4, group_size=32), tiny_models["qwen2"], format="gguf")
     assert not ok and "qwen2" in reason
     assert export.servability(Scheme(4, group_size=32), llama, format="gguf") == (True, "")
+
+
+def test_a_model_transformers_loaded_from_gguf_exports_as_compressed_tensors(tiny_models, tmp_path):
+    # SmolLM2 reaches quantlab this way: transformers keeps its GGUF quantizer on the float model, and
+    # save_pretrained refused such a model ("not serializable") until the export hid it while saving.
+    quantized = quantize_model(tiny_models["llama"], Scheme(8, group_size=32), None)
+    export.export_gguf(quantized, tmp_path / "float.gguf")   # any GGUF the loader reads: the float model is built from it
+    module = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="float.gguf", dtype=torch.float32)
+    assert module.hf_quantizer is not None
+    from_gguf = quantize_model(wrap_hf(module, tiny_tokenizer(), "tiny-llama-gguf"), Scheme(4, group_size=32), None)
+    out = export.export_compressed_tensors(from_gguf, tmp_path / "ct").path
+    assert module.hf_quantizer is not None and module.config.quantization_config is not None   # given back
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["quant_method"] == "compressed-tensors"
+    loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    with torch.no_grad():
+        assert float((loaded(input_ids=TOKENS).logits - from_gguf.model.logits(TOKENS)).abs().max()) <= 1e-5
