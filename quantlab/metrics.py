@@ -30,6 +30,8 @@ class Metric:
     unit: str                     # "" for a pure number
     higher_is_better: Optional[bool]   # None: neither (a count of work, a size of a protocol)
     source: str                   # who computes it: evaluate, bytes, calibrate, run
+    paired: bool = False          # measured against the baseline's next-token distributions on the same
+                                  # windows: needs evaluation.kl_divergence, and moves when the baseline does
 
 
 def _table(*rows) -> dict:
@@ -37,29 +39,29 @@ def _table(*rows) -> dict:
 
 
 METRICS = _table(
-    # name, description, unit, higher is better, source
+    # name, description, unit, higher is better, source[, paired]
     ("ppl", "perplexity on the evaluation split", "", False, "evaluate"),
     ("ppl_stderr", "standard error of ppl, across windows", "", None, "evaluate"),
     ("ppl_gap", "ppl / baseline ppl - 1, on the same windows", "", False, "evaluate"),
     ("ppl_gap_stderr", "standard error of ppl_gap: exp(ln_ppl_ratio) * ln_ppl_ratio_stderr (delta method)", "",
-     None, "evaluate"),
+     None, "evaluate", True),
     ("ln_ppl_ratio", "ln(ppl / baseline ppl) = mean NLL - the baseline's mean NLL, on the same windows", "nats",
-     False, "evaluate"),
+     False, "evaluate", True),
     ("ln_ppl_ratio_stderr", "standard error of ln_ppl_ratio from the paired per-window NLL differences", "nats",
-     None, "evaluate"),
-    ("nll_correlation", "correlation of the per-window mean NLLs with the baseline's", "", True, "evaluate"),
+     None, "evaluate", True),
+    ("nll_correlation", "correlation of the per-window mean NLLs with the baseline's", "", True, "evaluate", True),
     ("bits_per_byte", "mean NLL in bits per scored byte (byte-level models only)", "bits", False, "evaluate"),
-    ("kld_mean", "mean KL divergence from the baseline's next-token distribution", "nats", False, "evaluate"),
-    ("kld_stderr", "standard error of kld_mean, across windows", "nats", None, "evaluate"),
-    ("kld_median", "median KL divergence from the baseline", "nats", False, "evaluate"),
-    ("kld_p99", "99th percentile KL divergence from the baseline", "nats", False, "evaluate"),
-    ("top1_agreement", "share of positions where the top-1 token matches the baseline's", "", True, "evaluate"),
-    ("top1_agreement_stderr", "standard error of top1_agreement, across windows", "", None, "evaluate"),
-    ("delta_p_mean", "mean change in the probability of the correct token, p - p_baseline", "", None, "evaluate"),
-    ("delta_p_stderr", "standard error of delta_p_mean, across windows", "", None, "evaluate"),
+    ("kld_mean", "mean KL divergence from the baseline's next-token distribution", "nats", False, "evaluate", True),
+    ("kld_stderr", "standard error of kld_mean, across windows", "nats", None, "evaluate", True),
+    ("kld_median", "median KL divergence from the baseline", "nats", False, "evaluate", True),
+    ("kld_p99", "99th percentile KL divergence from the baseline", "nats", False, "evaluate", True),
+    ("top1_agreement", "share of positions where the top-1 token matches the baseline's", "", True, "evaluate", True),
+    ("top1_agreement_stderr", "standard error of top1_agreement, across windows", "", None, "evaluate", True),
+    ("delta_p_mean", "mean change in the probability of the correct token, p - p_baseline", "", None, "evaluate", True),
+    ("delta_p_stderr", "standard error of delta_p_mean, across windows", "", None, "evaluate", True),
     ("delta_p_rms", "root mean square of the change in the probability of the correct token", "", False,
-     "evaluate"),
-    ("delta_p_rms_stderr", "standard error of delta_p_rms: se(mean dp^2) / (2 delta_p_rms)", "", None, "evaluate"),
+     "evaluate", True),
+    ("delta_p_rms_stderr", "standard error of delta_p_rms: se(mean dp^2) / (2 delta_p_rms)", "", None, "evaluate", True),
     ("nan_count", "NaN/Inf values in weights and logits", "", False, "evaluate"),
     ("eval_tokens", "tokens scored for perplexity", "tokens", None, "evaluate"),
     ("eval_seconds", "wall seconds to evaluate", "s", False, "evaluate"),
@@ -86,18 +88,25 @@ TASK_METRIC = re.compile(r"tasks\.([\w-]+)\.(" + "|".join(TASK_FIELDS) + r")")
 # (``kld_percentiles.p99_9``). Percentiles are over every scored position, interpolated linearly.
 FAMILIES = {
     "kld_percentiles": (Metric("kld_percentiles", "percentiles of the per-position KL divergence from the baseline",
-                               "nats", False, "evaluate"), tuple(KLD_PERCENTILES)),
+                               "nats", False, "evaluate", True), tuple(KLD_PERCENTILES)),
     "delta_p_percentiles": (Metric("delta_p_percentiles", "percentiles of the per-position change in the probability "
-                                   "of the correct token, p - p_baseline", "", None, "evaluate"),
+                                   "of the correct token, p - p_baseline", "", None, "evaluate", True),
                             tuple(DELTA_P_PERCENTILES)),
 }
 
 
+def _ordinal(number: str) -> str:
+    """'1' -> '1st', '99.9' -> '99.9th', '0.1' -> '0.1st'."""
+    last = number[-1]
+    suffix = {"1": "st", "2": "nd", "3": "rd"}.get(last, "th") if not number.endswith(("11", "12", "13")) else "th"
+    return number + suffix
+
+
 def _member(family: str, key: str) -> Metric:
     m = FAMILIES[family][0]
-    what = {"max": "maximum", "min": "minimum", "median": "median"}.get(key, key[1:].replace("_", ".") + "th percentile")
+    what = {"max": "maximum", "min": "minimum", "median": "median"}.get(key, _ordinal(key[1:].replace("_", ".")) + " percentile")
     return Metric(f"{family}.{key}", f"{what} of {m.description.split(' of ', 1)[1]}", m.unit, m.higher_is_better,
-                  m.source)
+                  m.source, m.paired)
 
 
 # Per-layer statistics a golden layers file may record.

@@ -79,6 +79,7 @@ BROKEN = {
     "spread_below_zero.yaml": (9, "spread < 0 can never hold"),
     "heldout_metric_without_heldout.yaml": (7, "mean_heldout_rel_loss is measured only with calibration.heldout_samples > 0"),
     "kld_without_kl_divergence.yaml": (7, "kld_mean is not measured with evaluation.kl_divergence: false"),
+    "paired_metric_without_kl_divergence.yaml": (7, "delta_p_rms is not measured with evaluation.kl_divergence: false"),
     "task_metric_without_task.yaml": (5, "tasks.verb_tense.acc needs task 'verb_tense' under evaluation.tasks"),
     "heldout_sweep_wrong_metric.yaml": (10, "ppl does not depend on calibration.heldout_samples"),
     # export and checkpoint schemes (issue 12's schema)

@@ -8,9 +8,9 @@ import difflib
 from dataclasses import dataclass
 from typing import Optional
 
+from quantlab.metrics import lookup
 from quantlab.spec.located import Ctx
 
-BASELINE_METRICS = ("ppl_gap", "kld_mean", "kld_median", "kld_p99", "top1_agreement")   # measured against the baseline
 A_METHOD = {"float": "a float", "rtn": "an RTN", "gptq": "a GPTQ", "checkpoint": "a checkpoint"}
 
 
@@ -30,11 +30,11 @@ class SpecView:
         draws calibration data changes, and a metric measured against the baseline changes with it."""
         base = self.schemes.get(self.baseline)
         return self.schemes[scheme].needs_calibration or (
-            metric in BASELINE_METRICS and base is not None and base.needs_calibration)
+            (metric == "ppl_gap" or _paired(metric)) and base is not None and base.needs_calibration)
 
     def metric_unavailable(self, metric: str) -> Optional[str]:
         """Why ``metric`` is never computed under this spec (None: it is), so an assertion on it could only fail."""
-        if metric in ("kld_mean", "kld_median", "kld_p99", "top1_agreement") and not self.kl_divergence:
+        if _paired(metric) and not self.kl_divergence:
             return f"{metric} is not measured with evaluation.kl_divergence: false; set it to true or drop the assertion"
         if metric == "mean_heldout_rel_loss" and self.heldout_samples == 0 and not (
                 self.sweep and self.sweep[0] == "calibration.heldout_samples" and min(self.sweep[1]) > 0):
@@ -66,3 +66,9 @@ def check_metric(metric, ctx: Ctx, spec: SpecView, key="metric") -> None:
     reason = spec.metric_unavailable(metric) if isinstance(metric, str) else None
     if reason:
         raise ctx.error(reason, key)
+
+
+def _paired(metric: str) -> bool:
+    """Measured against the baseline's distributions on the same windows (quantlab.metrics)."""
+    entry = lookup(metric)
+    return entry is not None and entry.paired
