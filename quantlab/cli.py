@@ -35,7 +35,7 @@ def cmd_validate(args) -> int:
 
 def cmd_run(args) -> int:
     from quantlab.pipeline import RunInterrupted, run
-    from quantlab.report import interpretation, metrics_table_text
+    from quantlab.report import assertion_entry, interpretation, metrics_table_text, rewrite_report_page
     from quantlab.spec import SpecError, check, load_spec
 
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
@@ -57,11 +57,15 @@ def cmd_run(args) -> int:
         print(metrics_table_text(results))
         for sentence in interpretation(results, spec.report.memory_budget_bytes):
             print(f"  * {sentence}")
+        entries = []
         for exp in spec.expect:
             outcome = check(exp, results, spec)
             mark, failed = verdict(outcome.passed, exp.xfail)
             status = 1 if failed else status
             print(f"  {mark} {outcome.message}" + (f" (expected to fail: {exp.xfail})" if exp.xfail else ""))
+            entries.append(assertion_entry(exp, outcome, mark, source=spec.source))
+        # The run wrote report.html before the assertions were judged: write it again with their outcomes.
+        rewrite_report_page(out, entries, memory_budget_bytes=spec.report.memory_budget_bytes)
     return status
 
 

@@ -32,7 +32,9 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "quantlab_spec: a test generated from a quantlab YAML spec")
     config.stash[_RUNS] = {}
     if config.pluginmanager.hasplugin("html"):
-        config.pluginmanager.register(_HtmlHooks(), "quantlab-html")
+        from quantlab.report.html_hooks import HtmlHooks
+
+        config.pluginmanager.register(HtmlHooks(config, _RUNS), "quantlab-html")
         if getattr(config.option, "htmlpath", None):
             config.option.self_contained_html = True  # plots are embedded: keep the report one file
     if config.pluginmanager.hasplugin("metadata"):
@@ -41,12 +43,6 @@ def pytest_configure(config):
         import quantlab
 
         config.stash[metadata_key]["quantlab"] = quantlab.__version__
-
-
-class _HtmlHooks:
-    @staticmethod
-    def pytest_html_report_title(report):
-        report.title = "quantlab quantization report"
 
 
 def pytest_collect_file(file_path: Path, parent):
@@ -167,10 +163,15 @@ def out_dir(config, spec) -> Path:
 def _assertion_test(spec, exp):
     def test_assertion(request):
         __tracebackhide__ = True
+        from quantlab.cli import verdict
+        from quantlab.report import assertion_entry
         from quantlab.spec import check
 
         outcome = check(exp, spec_results(request.config, spec), spec)
         print(outcome.message)
+        # For the report's summary: what was measured, against what, and the verdict as `quantlab run` names it.
+        request.node.user_properties.append(("quantlab_assertion", assertion_entry(
+            exp, outcome, verdict(outcome.passed, exp.xfail)[0], source=spec.source)))
         if not outcome.passed:
             pytest.fail(outcome.message, pytrace=False)
 
@@ -337,18 +338,16 @@ def _golden_layers_test(spec):
 
 
 def _report_test(spec):
-    def test_report(request, extras):
+    def test_report(request):
         __tracebackhide__ = True
-        import pytest_html
-
         from quantlab.pipeline import write_outputs
-        from quantlab.report import html_section
 
         results = spec_results(request.config, spec)
         paths = write_outputs(results, spec, out_dir(request.config, spec))
-        images = {name: p for name, p in paths.items() if str(p).endswith(".png")}
-        extras.append(pytest_html.extras.html(
-            html_section(results, images, memory_budget_bytes=spec.report.memory_budget_bytes)))
+        if request.config.pluginmanager.hasplugin("html"):
+            from quantlab.report.html_hooks import add_html_section
+
+            add_html_section(request, spec, results, paths)
         missing = [p for p in paths.values() if not Path(p).is_file()]
         assert not missing, f"report files were not written: {missing}"
         written = json.loads(Path(paths["results"]).read_text())

@@ -170,3 +170,21 @@ def test_a_deleted_fingerprint_beside_golden_files_is_refused_not_re_recorded(pr
     result.assert_outcomes(failed=1)
     assert "fingerprint.json is missing beside the golden files" in result.stdout.str()
     assert not (golden / "fingerprint.json").exists()
+
+
+def test_the_html_report_opens_with_a_summary_card_per_spec_failures_first_and_every_plot(project):
+    write_spec(project, gap_threshold=-1.0)
+    result = project.runpytest_subprocess("specs", "--html=report.html", "--quantlab-out=out", "-k", "not golden",
+                                          "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=5, failed=1)
+    html = (project.path / "report.html").read_text()
+    summary = html[html.index('<div class="quantlab-summary">'):html.index('id="results-table"')]
+    card = summary[summary.index('class="ql-card ql-card-failed"'):]
+    assert "FAILED" in card and "1 failed, 4 passed" in card
+    failing, _, passing = card.partition('<details class="ql-passing">')
+    assert "specs/tiny.yaml:12" in failing and "ppl_gap[int4-g64-gptq] &lt; -1" in failing and "&lt; -1" in failing
+    assert "nan_count[fp32]" not in failing and "nan_count[fp32]" in passing   # passing rows: folded away
+    assert 'class="quantlab-metrics"' in card and 'alt="Pareto plot of tiny"' in card
+    assert 'href="#quantlab-tiny"' in card and 'id="quantlab-tiny"' in summary   # the card links to the section
+    assert 'alt="per_layer"' in summary   # every plot of the spec is on the page
+    assert "<th>spec line</th>" in html

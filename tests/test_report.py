@@ -337,3 +337,91 @@ def test_write_report_files_also_writes_the_lm_eval_document(written):
 @pytest.mark.parametrize("n, text", [(999_552, "1 MB"), (1_234_567, "1.23 MB"), (999, "999 B"), (999_499, "999 kB")])
 def test_byte_sizes_read_with_three_digits_and_the_right_prefix(n, text):
     assert page._fmt_bytes(n) == text
+
+
+# ---------------------------------------------------------------------------------------------
+# The dashboard: verdicts and assertion outcomes, the standalone page
+
+
+def entries_of(*rows):
+    """Dashboard entries as quantlab run builds them, from (id, line, op, threshold, measured, label, message)."""
+    from types import SimpleNamespace
+
+    return [report.assertion_entry(SimpleNamespace(id=i, line=line, op=op, threshold=t, xfail="why" if "X" in label
+                                                   else None),
+                                   SimpleNamespace(message=message, measured=measured), label, source="specs/s.yaml")
+            for i, line, op, t, measured, label, message in rows]
+
+
+ENTRIES = [("nan_count[fp32] == 0", 3, "==", 0, 0, "PASS ", "nan_count of fp32 = 0 == 0"),
+           ("ppl_gap[int4-g64-gptq] < 0.05", 4, "<", 0.05, 0.1, "FAIL ", "ppl_gap of int4-g64-gptq = 0.1 is not < 0.05"),
+           ("monotone[q]", 5, None, None, None, "XFAIL", "not monotone (margin -0.25)")]
+
+
+def test_an_assertion_entry_gives_the_margin_from_the_numbers_or_the_message():
+    passed, failed, xfailed = entries_of(*ENTRIES)
+    assert failed["margin"] == pytest.approx(-0.05) and failed["threshold"] == "< 0.05"
+    assert xfailed["margin"] == -0.25 and xfailed["threshold"] is None
+    assert passed["outcome"] == "PASS" and report.tally([passed, failed, xfailed]) == {
+        "passed": 1, "failed": 1, "xfailed": 1, "verdict": "failed"}
+
+
+def test_assertions_list_failures_first_with_line_and_margin_and_fold_the_passing_ones():
+    text = report.assertions_html(entries_of(*ENTRIES))
+    failing, _, folded = text.partition('<details class="ql-passing">')
+    assert "specs/s.yaml:4" in failing and "-0.05" in failing and "XFAIL" in failing
+    assert "nan_count[fp32]" not in failing and "nan_count[fp32]" in folded and "1 passing assertion" in folded
+
+
+def test_the_standalone_page_shows_verdict_assertions_table_interpretation_and_every_plot(written, tmp_path):
+    from quantlab.report.standalone import rewrite_report_page
+
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("results", "html", *report.PLOTS):
+        (out / written[name].name).write_bytes(written[name].read_bytes())
+    page_text = rewrite_report_page(out, entries_of(*ENTRIES)).read_text()
+    assert page_text.startswith("<!doctype html>") and "<style>" in page_text
+    assert 'class="ql-badge ql-failed">FAILED' in page_text and "1 failed, 1 passed, 1 expected failure" in page_text
+    assert page_text.index("<h3>Assertions") < page_text.index('<table class="quantlab-metrics"') < page_text.index("<h3>Interpretation")
+    assert page_text.count('src="data:image/png;base64,') == len(report.PLOTS)
+    assert "http://" not in page_text and "https://" not in page_text   # readable offline: one file
+
+
+def test_the_same_results_give_the_same_standalone_page(written, tmp_path):
+    from quantlab.report.standalone import page as standalone_page
+
+    images = {name: written[name] for name in report.PLOTS}
+    results = json.loads(written["results"].read_text())
+    entries = entries_of(*ENTRIES)
+    assert standalone_page(results, images, assertions=entries) == standalone_page(results, images, assertions=entries)
+
+
+@given(st.lists(st.floats(0, 1), min_size=1, max_size=12), st.floats(0.01, 0.08))
+def test_spread_labels_keep_labels_apart_and_inside_the_axes(wanted, sep):
+    placed = sorted(plots.spread_labels(wanted, sep))
+    assert all(0.03 - 1e-9 <= y for y in placed) and placed[-1] <= 0.97 + 1e-9 or len(wanted) * sep > 0.94
+    if len(wanted) * sep <= 0.94:
+        assert all(b - a >= sep - 1e-9 for a, b in zip(placed, placed[1:]))
+
+
+def test_per_layer_heatmap_puts_rtn_beside_each_gptq_scheme_with_the_ratio(seven):
+    from quantlab.report.heatmap import error_columns
+
+    columns, ratios = error_columns(seven)
+    labels = list(columns)
+    assert labels[labels.index("int4-g64-gptq") + 1] == "int4-g64-gptq: RTN"
+    layer = next(iter(ratios["int4-g64-gptq"]))
+    r = seven["results"]["int4-g64-gptq"]["layers"][layer]
+    assert ratios["int4-g64-gptq"][layer] == pytest.approx(r["rtn_rel_loss"] / r["rel_loss"])
+
+
+def test_calibration_plot_draws_held_out_error_when_it_was_measured(minigpt, tmp_path):
+    results = make_results(minigpt, SEVEN, gptq_of={"int4-g64-gptq": "int4-g64"}).to_json()
+    in_sample = plots.plot_calibration_size(results, tmp_path / "in_sample.png").read_bytes()
+    for run in results["sweeps"][0]["results"]:
+        for entry in run.values():
+            for stats in entry["layers"].values():
+                stats["heldout_rel_loss"] = stats["rel_loss"] * 2
+    heldout = plots.plot_calibration_size(results, tmp_path / "heldout.png").read_bytes()
+    assert heldout.startswith(PNG_SIGNATURE) and heldout != in_sample

@@ -1,5 +1,6 @@
-"""The report page: the metrics table, the interpretation written from the numbers, and the files of
-a run (results.json, manifest.json, the plots, a standalone report.html).
+"""The report's words and numbers: the metrics table (text and HTML) and the interpretation written
+from the numbers. The HTML pages that hold them are in ``quantlab.report.standalone`` (a run's files
+and its standalone report.html) and ``quantlab.report.dashboard`` (verdicts, assertions, summary cards).
 
 Everything here reads a results dict shaped as in docs/results.md ("results.json") and nothing else,
 so a report can be rebuilt from a results.json on disk. Besides the per-scheme metrics it uses, when
@@ -17,54 +18,13 @@ A missing piece makes the matching plot or sentence disappear; it never raises.
 """
 from __future__ import annotations
 
-import base64
 import html
-import json
-from pathlib import Path
 
 from quantlab.analysis import (dominator, gap_of, is_number, pareto_frontier, same_grid_rtn, scheme_meta, scheme_method,
                                scheme_order, scheme_results, usable)
-from quantlab.files import write_json, write_text
-from quantlab.lm_eval_format import lm_eval_results
-from quantlab.report.plots import PLOT_CAPTIONS, PLOTS, decode_points, machine_ceilings, make_plots
-from quantlab.report.provenance import manifest
-from quantlab.results import jsonable
-from quantlab.roofline import decode_seconds, measure_machine, ridge_intensity
-
-MISSING = "—"
-
-
-def _fmt_si(x, unit) -> str:
-    """3 significant digits with a decimal prefix: 1234567 B -> '1.23 MB', 999552 B -> '1 MB' (a value
-    that rounds up to 1000 of a prefix takes the next one, never '1e+03 kB')."""
-    if not is_number(x):
-        return MISSING
-    for prefix, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(x) >= size * 0.9995:
-            return f"{x / size:.3g} {prefix}{unit}"
-    return f"{x:.3g} {unit}"
-
-
-def _fmt_bytes(n) -> str:
-    return _fmt_si(n, "B")
-
-
-def _fmt_pct(x, signed=False) -> str:
-    if not is_number(x):
-        return MISSING
-    return f"{x:+.1%}" if signed else f"{x:.1%}"
-
-
-def _fmt_num(x, digits=4) -> str:
-    return f"{x:.{digits}g}" if is_number(x) else MISSING
-
-
-def _fmt_with_error(x, err, formatter, error_formatter=None) -> str:
-    if not is_number(x):
-        return MISSING
-    if not is_number(err):
-        return formatter(x)
-    return f"{formatter(x)} ± {(error_formatter or formatter)(err)}"
+from quantlab.report.plots import decode_points, machine_ceilings
+from quantlab.report.units import MISSING, _fmt_bytes, _fmt_num, _fmt_pct, _fmt_si, _fmt_with_error  # noqa: F401
+from quantlab.roofline import decode_seconds, ridge_intensity
 
 
 def _task_names(results) -> list:
@@ -87,7 +47,8 @@ def metrics_rows(results) -> tuple:
         rows.append([
             s, scheme_method(results, s) or MISSING,
             _fmt_with_error(r.get("ppl"), r.get("ppl_stderr"), _fmt_num, lambda e: _fmt_num(e, 2)),
-            "baseline" if s == results.get("baseline") else _fmt_pct(gap_of(results, s), signed=True),
+            "baseline" if s == results.get("baseline") else
+            _fmt_with_error(gap_of(results, s), r.get("ppl_gap_stderr"), lambda g: _fmt_pct(g, signed=True), _fmt_pct),
             _fmt_num(r.get("kld_mean"), 3), _fmt_pct(r.get("top1_agreement")), *task_cells,
             str(r["nan_count"]) if is_number(r.get("nan_count")) else MISSING,
             _fmt_bytes(r.get("bytes_total")), _fmt_num(r.get("bits_per_weight"), 3),
@@ -141,17 +102,17 @@ def metrics_table_text(results) -> str:
 
 
 def metrics_table_html(results) -> str:
-    """The metrics table as an HTML <table>, every cell escaped; the baseline row is bold."""
+    """The metrics table as an HTML <table>, every cell escaped; the baseline row is bold (class
+    ql-baseline, styled by dashboard.STYLE)."""
     header, rows = metrics_rows(results)
     baseline = results.get("baseline")
-    cell_style = 'style="padding:2px 8px;border-bottom:1px solid #ddd;text-align:right"'
-    parts = ['<table class="quantlab-metrics" style="border-collapse:collapse;font-size:90%">',
-             "<thead><tr>" + "".join(f"<th {cell_style}>{html.escape(h)}</th>" for h in header) + "</tr></thead>",
+    parts = ['<table class="quantlab-metrics">',
+             "<thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr></thead>",
              "<tbody>"]
     for row in rows:
-        row_style = ' style="font-weight:bold"' if row[0] == baseline else ""
-        parts.append(f"<tr{row_style}>"
-                     + "".join(f"<td {cell_style}>{html.escape(cell)}</td>" for cell in row) + "</tr>")
+        row_attrs = ' class="ql-baseline"' if row[0] == baseline else ""
+        parts.append(f"<tr{row_attrs}>"
+                     + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>")
     parts.append("</tbody></table>")
     return "\n".join(parts)
 
@@ -284,75 +245,3 @@ def _health_sentences(results) -> list:
         listed = ", ".join(f"{name}: {n}" for name, n in sorted(counts.items(), key=lambda kv: str(kv[0])))
         sentences.append(f"{len(events)} health event(s) during quantization ({listed}).")
     return sentences
-
-
-# ----------------------------------------------------------------------------------------------
-# HTML and the files of a run
-
-
-def _data_uri(path) -> str:
-    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")
-
-
-def html_section(results, images: dict, memory_budget_bytes=None, machine=None) -> str:
-    """A self-contained HTML fragment for one spec: metrics table, interpretation, the plots in
-    ``images`` ({name: PNG path}) embedded as data URIs, and the evaluation protocol."""
-    e = html.escape
-    spec = results.get("spec") or "results"
-    meta = f"seed {results.get('seed')}, baseline {results.get('baseline')}"
-    if results.get("spec_sha256"):
-        meta += f", spec sha256 {str(results['spec_sha256'])[:12]}"
-    parts = ['<section class="quantlab-report" style="font-family:sans-serif">',
-             f"<h2>{e(str(spec))}</h2>", f"<p>{e(meta)}</p>", metrics_table_html(results),
-             "<h3>Interpretation</h3>", "<ul>"]
-    parts += [f"<li>{e(s)}</li>" for s in interpretation(results, memory_budget_bytes, machine=machine)]
-    parts.append("</ul>")
-    exports = results.get("exports") or {}
-    if exports:
-        rows = "".join(f"<tr><td>{e(name)}</td><td>{e(info.get('format', ''))}</td><td>{e(str(info.get('path', '')))}</td>"
-                       f"<td>{e(_fmt_bytes(info.get('bytes_on_disk')))}</td><td>{e(_fmt_bytes(info.get('bytes_total')))}</td></tr>"
-                       for name, info in exports.items())
-        parts.append("<h3>Exported checkpoints</h3><table><tr><th>scheme</th><th>format</th><th>path</th>"
-                     f"<th>weight files on disk</th><th>bytes_total</th></tr>{rows}</table>")
-    for name, path in images.items():
-        caption = PLOT_CAPTIONS.get(name, name)
-        parts.append(f'<figure><img src="{_data_uri(path)}" alt="{e(str(name))}" style="max-width:100%">'
-                     f"<figcaption>{e(caption)}</figcaption></figure>")
-    fingerprint = results.get("fingerprint") or {}
-    if fingerprint:
-        rows = "".join(f"<tr><td>{e(str(k))}</td><td>{e(json.dumps(jsonable(v), sort_keys=True))}</td></tr>"
-                       for k, v in sorted(fingerprint.items()))
-        parts.append(f"<details><summary>Evaluation protocol (fingerprint)</summary><table>{rows}</table></details>")
-    parts.append("</section>")
-    return "\n".join(parts)
-
-
-def write_report_files(results, out_dir, which=None, machine=None, memory_budget_bytes=None) -> dict:
-    """Write out_dir/results.json, results_lm_eval.json (the same run as lm-evaluation-harness's results
-    document, see quantlab.lm_eval_format), manifest.json, the plots and report.html (a standalone page).
-
-    The manifest is ``results["manifest"]`` when the run recorded one, else built now from the
-    spec name, hash and seed, keeping the run's recorded versions and machine if present.
-    Returns {"results", "lm_eval", "manifest", "html", and each plot's name: Path}.
-    """
-    out_dir = Path(out_dir)
-    names = PLOTS if which is None else tuple(which)
-    machine = machine_ceilings(results, machine)
-    if machine is None and "roofline" in names and decode_points(results):
-        machine = measure_machine()  # measured once, so the plot and the sentences agree
-    paths = {"results": write_json(out_dir / "results.json", results),
-             "lm_eval": write_json(out_dir / "results_lm_eval.json", lm_eval_results(results))}
-    run_manifest = results.get("manifest")
-    if not run_manifest:
-        run_manifest = manifest(results.get("spec"), results.get("spec_sha256"), results.get("seed"))
-        for recorded in ("versions", "machine"):
-            if results.get(recorded):
-                run_manifest[recorded] = {**run_manifest[recorded], **results[recorded]}
-    paths["manifest"] = write_json(out_dir / "manifest.json", run_manifest)
-    plots = make_plots(results, out_dir, which=which, machine=machine)
-    page = ("<!doctype html>\n<html><head><meta charset=\"utf-8\">"
-            f"<title>quantlab: {html.escape(str(results.get('spec') or 'results'))}</title></head><body>\n"
-            + html_section(results, plots, memory_budget_bytes=memory_budget_bytes, machine=machine)
-            + "\n</body></html>\n")
-    paths["html"] = write_text(out_dir / "report.html", page)
-    return {**paths, **plots}

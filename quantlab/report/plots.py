@@ -1,5 +1,5 @@
-"""The report's plots: Pareto curve, task accuracy, error against calibration size, per-layer error,
-and the decode roofline. Each takes a results dict (the results.json shape) and a path, and returns the
+"""The report's plots: Pareto curve, task accuracy, error against calibration size, the decode
+roofline, and (from ``quantlab.report.heatmap``) per-layer error. Each takes a results dict (the results.json shape) and a path, and returns the
 PNG's path, or None when the results hold nothing to draw.
 
 Plots are drawn on ``matplotlib.figure.Figure`` objects rather than through pyplot: no global figure
@@ -11,23 +11,30 @@ from __future__ import annotations
 
 import io
 import math
-import re
 from pathlib import Path
 
 from quantlab.analysis import is_number, pareto_frontier, scheme_method, scheme_order, scheme_results, usable
 from quantlab.files import write_bytes
+from quantlab.report.heatmap import MAX_LAYER_ROWS, layer_values, natural_key, plot_per_layer  # noqa: F401
+from quantlab.report.units import _fmt_bytes
 from quantlab.roofline import attainable_gflops, decode_intensity, decode_seconds, measure_machine, ridge_intensity
 
 PLOTS = ("pareto", "accuracy", "calibration_size", "per_layer", "roofline")
 
 PLOT_CAPTIONS = {
-    "pareto": "Size against perplexity. The black staircase is the frontier: for any byte budget, "
-              "the best perplexity any scheme reaches within it.",
-    "accuracy": "Task accuracy per scheme, with binomial standard errors.",
-    "calibration_size": "Relative output error (rel_loss) against the number of calibration samples: "
-                        "thin lines are layers, the thick line their mean.",
-    "per_layer": "Relative output error (rel_loss) of every quantized layer, log colour scale; grey: "
-                 "not quantized or not recorded.",
+    "pareto": "Size against perplexity, with ± 1 standard error of each perplexity over evaluation windows "
+              "(schemes are scored on the same windows, so their differences are tighter than the bars: see "
+              "the ppl gap column). The black staircase is the frontier: for any byte budget, the best "
+              "perplexity any scheme reaches within it.",
+    "accuracy": "Task accuracy per scheme with binomial standard errors; the axis is zoomed to the "
+                "measured range, and the dotted line is the baseline's accuracy.",
+    "calibration_size": "Relative output error of each quantized layer on held-out windows (not seen in "
+                        "calibration) against the number of calibration samples: thin lines are layers, the "
+                        "thick line their mean. The dashed line is the in-sample error on the calibration "
+                        "windows themselves, which need not fall: fitting more data exactly is harder.",
+    "per_layer": "Relative output error (rel_loss) of every quantized layer, log colour scale, with "
+                 "round-to-nearest on the same Hessian (\"<scheme>: RTN\") beside each GPTQ scheme; on the right, "
+                 "how many times smaller GPTQ's error is than RTN's. Grey: not quantized or not recorded.",
     "roofline": "Roofline of one batch-1 decode step on this machine: each scheme's arithmetic "
                 "intensity (every weight byte, scale and activation read) against the measured "
                 "compute and bandwidth ceilings.",
@@ -36,11 +43,6 @@ PLOT_CAPTIONS = {
 METHOD_COLOURS = {"float": "tab:gray", "rtn": "tab:blue", "gptq": "tab:red"}
 UNKNOWN_METHOD_COLOUR = "tab:purple"
 METHOD_MARKERS = {"float": "o", "rtn": "s", "gptq": "^"}
-
-
-def natural_key(text: str):
-    """'blocks.10.attn' sorts after 'blocks.2.attn'."""
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
 
 
 def _figure(width, height):
@@ -64,20 +66,87 @@ def _title(results, what):
     return f"{spec}: {what}" if spec else what
 
 
+def _bytes_axis(axis):
+    """Byte sizes in human units on a (log) axis: '300 kB', '1.2 MB', never '1e+06'."""
+    from matplotlib.ticker import FuncFormatter, LogLocator
+
+    axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    axis.set_minor_locator(LogLocator(base=10, subs=tuple(range(1, 10))))
+    axis.set_major_formatter(FuncFormatter(lambda v, _: _fmt_bytes(v)))
+    axis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
+
+
+def spread_labels(wanted, sep, low=0.03, high=0.97):
+    """Vertical label positions (axes fraction) for labels wanted at ``wanted``: at least ``sep`` apart,
+    each crowded group stacked and centred on the points it labels, all kept inside [low, high]."""
+    order = sorted(range(len(wanted)), key=lambda i: (wanted[i], i))
+    clusters = [[i] for i in order]   # each: label indices in order, laid out ``sep`` apart
+
+    def start(cluster):   # first position of a cluster centred on its points
+        return sum(wanted[i] for i in cluster) / len(cluster) - sep * (len(cluster) - 1) / 2
+
+    merged = True
+    while merged:   # merge neighbouring stacks that overlap until none does
+        merged = False
+        for k in range(len(clusters) - 1):
+            a, b = clusters[k], clusters[k + 1]
+            if start(a) + sep * len(a) > start(b):
+                clusters[k:k + 2] = [a + b]
+                merged = True
+                break
+    ranked = [i for cluster in clusters for i in cluster]
+    pos = [start(cluster) + sep * n for cluster in clusters for n in range(len(cluster))]
+    # Keep inside [low, high]: push up from the bottom, then down from the top (both when crowded).
+    for k in range(len(pos)):
+        pos[k] = max(pos[k], low if k == 0 else pos[k - 1] + sep)
+    for k in reversed(range(len(pos))):
+        pos[k] = min(pos[k], high if k == len(pos) - 1 else pos[k + 1] - sep)
+    placed = dict(zip(ranked, pos))
+    return [placed[i] for i in range(len(wanted))]
+
+
+def annotate_without_overlap(ax, points, labels, fontsize=7, axes_height_pt=220.0, axes_width_pt=380.0):
+    """Label each (x, y) data point beside it; labels that would overprint are spread vertically and
+    joined to their point by a thin leader line. Deterministic: placement depends only on the data."""
+    to_axes = ax.transScale + ax.transLimits   # data -> axes fraction, whatever the axes' final size
+    where = [tuple(to_axes.transform(p)) for p in points]
+    sep = 1.35 * fontsize / axes_height_pt
+    right = [fx < 0.62 for fx, _ in where]     # labels go right of a point, left of one near the right edge
+    groups = {}
+    for i, (fx, _) in enumerate(where):
+        # points whose labels would share columns: same side, within a label's width
+        width = (len(labels[i]) * 0.55 * fontsize) / axes_width_pt
+        key = next((k for k in groups if k[0] == right[i] and abs(k[1] - fx) < width), (right[i], fx))
+        groups.setdefault(key, []).append(i)
+    for members in groups.values():
+        ys = spread_labels([where[i][1] for i in members], sep)
+        for i, y in zip(members, ys):
+            fx, fy = where[i]
+            dx = 0.025 if right[i] else -0.025
+            moved = abs(y - fy) > sep / 3
+            ax.annotate(labels[i], points[i], xytext=(fx + dx * (2.2 if moved else 1), y), textcoords="axes fraction",
+                        fontsize=fontsize, va="center", ha="left" if right[i] else "right",
+                        arrowprops={"arrowstyle": "-", "color": "0.55", "linewidth": 0.6, "shrinkA": 1, "shrinkB": 3}
+                        if moved else None)
+
+
 def plot_pareto(results, path):
-    """bytes_total (log x) against perplexity, a labelled dot per scheme, the frontier as a staircase."""
+    """bytes_total (log x, human units) against perplexity with standard-error bars, every scheme
+    labelled (labels that would overlap are spread out), the frontier as a staircase."""
     from matplotlib.lines import Line2D
 
     candidates = [s for s in scheme_order(results) if usable(results, s)]
     if not candidates:
         return None
-    fig = _figure(7, 4.5)
+    fig = _figure(7.5, 5)
     ax = fig.subplots()
     rs = scheme_results(results)
     for s in candidates:
         colour = METHOD_COLOURS.get(scheme_method(results, s), UNKNOWN_METHOD_COLOUR)
-        ax.scatter(rs[s]["bytes_total"], rs[s]["ppl"], color=colour, zorder=3)
-        ax.annotate(s, (rs[s]["bytes_total"], rs[s]["ppl"]), xytext=(4, 4), textcoords="offset points", fontsize=8)
+        err = rs[s].get("ppl_stderr")
+        ax.errorbar(rs[s]["bytes_total"], rs[s]["ppl"], yerr=err if is_number(err) else None, color=colour,
+                    marker=METHOD_MARKERS.get(scheme_method(results, s), "D"), markersize=5, capsize=3,
+                    elinewidth=1, linestyle="", zorder=3)
     frontier = pareto_frontier(results)
     # where="post": between two frontier sizes the best reachable ppl is the smaller scheme's.
     ax.step([rs[s]["bytes_total"] for s in frontier], [rs[s]["ppl"] for s in frontier],
@@ -88,44 +157,66 @@ def plot_pareto(results, path):
         ax.axhline(rs[baseline]["ppl"], color="gray", linestyle=":", linewidth=1)
         handles.append(Line2D([], [], color="gray", linestyle=":", label=f"baseline ({baseline})"))
     methods = sorted({scheme_method(results, s) for s in candidates} - {None})
-    handles += [Line2D([], [], marker="o", linestyle="", color=METHOD_COLOURS.get(m, UNKNOWN_METHOD_COLOUR), label=m)
-                for m in methods]
+    handles += [Line2D([], [], marker=METHOD_MARKERS.get(m, "D"), linestyle="",
+                       color=METHOD_COLOURS.get(m, UNKNOWN_METHOD_COLOUR), label=m) for m in methods]
+    if any(is_number(rs[s].get("ppl_stderr")) for s in candidates):
+        handles.append(Line2D([], [], color="0.3", marker="|", linestyle="", markersize=10, label="± 1 standard error"))
     ax.set_xscale("log")
     ppls = [rs[s]["ppl"] for s in candidates]
     # A broken scheme (ppl in the thousands) would flatten every other dot onto one line.
     if min(ppls) > 0 and max(ppls) / min(ppls) > 10:
         ax.set_yscale("log")
+    sizes = [rs[s]["bytes_total"] for s in candidates]
+    ax.set_xlim(min(sizes) / 1.25, max(sizes) * 1.25)
+    _bytes_axis(ax.xaxis)
     ax.set_xlabel("model size: bytes_total (log scale)")
     ax.set_ylabel("perplexity (lower is better)")
     ax.set_title(_title(results, "size against perplexity"), fontsize=10)
-    ax.legend(handles=handles, fontsize=8)
+    ax.legend(handles=handles, fontsize=7, loc="upper right")
     ax.grid(True, which="both", alpha=0.3)
+    ax.autoscale_view()
+    annotate_without_overlap(ax, [(rs[s]["bytes_total"], rs[s]["ppl"]) for s in candidates], candidates,
+                             axes_height_pt=5 * 72 * 0.72, axes_width_pt=7.5 * 72 * 0.8)
     return _save_png(fig, path)
 
 
 def plot_task_accuracy(results, path):
-    """Grouped bars: one group per scheme, one bar per task, binomial standard error bars."""
+    """Accuracy per scheme and task as points with binomial standard-error bars, the axis zoomed to
+    where the points and their bars lie (not 0 to 1), the baseline's accuracy as a dotted line."""
     rs = scheme_results(results)
     schemes = [s for s in scheme_order(results) if rs[s].get("tasks")]
     tasks = sorted({t for s in schemes for t, v in rs[s]["tasks"].items() if is_number((v or {}).get("acc"))})
     if not tasks:
         return None
-    fig = _figure(min(max(6, 1.5 + 0.5 * len(schemes) * len(tasks)), 16), 4)
+    fig = _figure(min(max(6, 2 + 0.55 * len(schemes) * max(1, len(tasks) ** 0.5)), 16), 4.2)
     ax = fig.subplots()
-    width = 0.8 / len(tasks)
+    width = 0.6 / len(tasks)
+    lows, highs = [], []
     for i, task in enumerate(tasks):
         xs, accs, errs = [], [], []
         for x, s in enumerate(schemes):
             entry = rs[s]["tasks"].get(task) or {}
             if is_number(entry.get("acc")):
-                xs.append(x - 0.4 + width * (i + 0.5))
+                err = entry.get("acc_stderr")
+                xs.append(x - 0.3 + width * (i + 0.5))
                 accs.append(entry["acc"])
-                errs.append(entry["acc_stderr"] if is_number(entry.get("acc_stderr")) else 0.0)
-        ax.bar(xs, accs, width, yerr=errs, capsize=3, label=task)
+                errs.append(err if is_number(err) else 0.0)
+        lows += [a - e for a, e in zip(accs, errs)]
+        highs += [a + e for a, e in zip(accs, errs)]
+        line = ax.errorbar(xs, accs, yerr=errs, marker="o", markersize=5, linestyle="", capsize=3, label=task)
+        base = (rs.get(results.get("baseline"), {}).get("tasks") or {}).get(task) or {}
+        if is_number(base.get("acc")):
+            ax.axhline(base["acc"], color=line[0].get_color(), linestyle=":", linewidth=1)
+    low, high = min(lows), max(highs)
+    pad = max(0.15 * (high - low), 0.01)
+    ax.set_ylim(max(0.0, low - pad), min(1.0, high + pad))
+    from matplotlib.ticker import PercentFormatter
+
+    ax.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=None))
     ax.set_xticks(range(len(schemes)), schemes, rotation=30, ha="right", fontsize=8)
-    ax.set_ylim(0, 1)
-    ax.set_ylabel("accuracy")
-    ax.set_title(_title(results, "task accuracy"), fontsize=10)
+    ax.set_xlim(-0.6, len(schemes) - 0.4)
+    ax.set_ylabel("accuracy (axis zoomed; ± 1 standard error)")
+    ax.set_title(_title(results, "task accuracy (dotted: baseline)"), fontsize=10)
     ax.legend(fontsize=8)
     ax.grid(True, axis="y", alpha=0.3)
     return _save_png(fig, path)
@@ -139,143 +230,68 @@ def calibration_sweep(results):
     return None
 
 
-def _layer_values(scheme_result, metric) -> dict:
-    layers = (scheme_result or {}).get("layers") or {}
-    return {name: v[metric] for name, v in layers.items() if is_number((v or {}).get(metric))}
-
-
 def plot_calibration_size(results, path):
-    """Mean and per-layer rel_loss against calibration samples (log x), one panel per GPTQ scheme
-    (every scheme with per-layer losses when none is marked GPTQ)."""
+    """Held-out relative error against calibration samples (log x), one panel per GPTQ scheme (every
+    scheme with per-layer losses when none is marked GPTQ): thin lines per layer, the thick line their
+    mean (``mean_heldout_rel_loss`` where recorded). Held-out error is what more data lowers; the
+    in-sample error on the calibration windows themselves, which need not fall, is drawn dashed and
+    labelled as such. Without held-out measurements the in-sample error is drawn, and titled so."""
     sweep = calibration_sweep(results)
     if sweep is None:
         return None
     samples = sweep.get("values") or []
     runs = sweep.get("results") or []
-    with_data = sorted({s for run in runs for s, r in (run or {}).items() if _layer_values(r, "rel_loss")})
+    with_data = sorted({s for run in runs for s, r in (run or {}).items() if layer_values(r, "rel_loss")
+                        or layer_values(r, "heldout_rel_loss")})
     gptq = [s for s in with_data if scheme_method(results, s) == "gptq"]
     schemes = gptq or with_data
     if not schemes:
         return None
+    heldout = any(layer_values((run or {}).get(s), "heldout_rel_loss") for run in runs for s in schemes)
+    metric = "heldout_rel_loss" if heldout else "rel_loss"
     ncols = min(len(schemes), 3)
     nrows = math.ceil(len(schemes) / ncols)
-    fig = _figure(4 * ncols, 3.2 * nrows)
+    fig = _figure(4.3 * ncols, 3.4 * nrows)
     axes = fig.subplots(nrows, ncols, sharey=True, squeeze=False).ravel()
     for ax, scheme in zip(axes, schemes):
-        per_run = [_layer_values((run or {}).get(scheme), "rel_loss") for run in runs]
+        entries = [(run or {}).get(scheme) or {} for run in runs]
+        per_run = [layer_values(entry, metric) for entry in entries]
         layers = sorted({layer for values in per_run for layer in values}, key=natural_key)
         for layer in layers:
             xs = [n for n, values in zip(samples, per_run) if layer in values]
             ax.plot(xs, [values[layer] for values in per_run if layer in values], color="tab:blue",
-                    linewidth=0.6, alpha=0.35)
-        means = [(n, sum(v.values()) / len(v)) for n, v in zip(samples, per_run) if v]
+                    linewidth=0.6, alpha=0.3)
+        means = [(n, _mean_of(entry, values, "mean_" + metric)) for n, entry, values in zip(samples, entries, per_run)
+                 if values]
         ax.plot([n for n, _ in means], [m for _, m in means], color="black", linewidth=2, marker="o",
-                label="mean over layers")
+                label="held-out error, mean over layers" if heldout else "in-sample error, mean over layers")
+        if heldout:
+            fitted = [(n, _mean_of(entry, layer_values(entry, "rel_loss"), "mean_rel_loss"))
+                      for n, entry in zip(samples, entries) if layer_values(entry, "rel_loss")]
+            if fitted:
+                ax.plot([n for n, _ in fitted], [m for _, m in fitted], color="0.45", linewidth=1.2, linestyle="--",
+                        marker=".", label="in-sample error (on the calibration windows)")
         ax.set_xscale("log", base=2)
         ax.set_xticks(samples, [str(n) for n in samples], minor=False)
         ax.minorticks_off()
         if all(v > 0 for values in per_run for v in values.values()):
             ax.set_yscale("log")
         ax.set_title(scheme, fontsize=9)
-        ax.set_xlabel("calibration samples")
+        ax.set_xlabel("calibration samples (windows)")
         ax.grid(True, which="both", alpha=0.3)
-    axes[0].set_ylabel("rel_loss")
-    axes[0].legend(fontsize=8)
+    axes[0].set_ylabel("held-out relative output error" if heldout else "in-sample relative output error (rel_loss)")
+    axes[0].legend(fontsize=7)
     for ax in axes[len(schemes):]:
         ax.set_visible(False)
-    fig.suptitle(_title(results, "error against calibration size"), fontsize=10)
+    what = "held-out error against calibration size" if heldout else \
+        "in-sample error against calibration size (no held-out windows measured)"
+    fig.suptitle(_title(results, what), fontsize=10)
     return _save_png(fig, path)
 
 
-# Beyond this many layers one row per layer is unreadable; the heatmap switches to block x kind panels.
-MAX_LAYER_ROWS = 48
-
-
-def plot_per_layer(results, path, metric="rel_loss"):
-    """Heatmap of ``metric`` ('rel_loss' or 'rtn_rel_loss') per layer and scheme, log colour scale.
-
-    Up to MAX_LAYER_ROWS layers: one row per layer, one column per scheme, values in the cells.
-    More (a 30-block model has 210): one panel per scheme, layer kinds (q_proj, mlp.c_fc, ...)
-    against block index, which is also where sensitive kinds and blocks stand out.
-    """
-    from matplotlib.colors import LogNorm
-
-    rs = scheme_results(results)
-    values = {s: _layer_values(rs[s], metric) for s in scheme_order(results)}
-    schemes = [s for s, v in values.items() if v]
-    positive = [v for s in schemes for v in values[s].values() if v > 0]
-    if not positive:
-        return None
-    low, high = min(positive), max(positive)
-    norm = LogNorm(vmin=low, vmax=high if high > low else low * 10)  # one value still needs a range
-    layers = sorted({layer for s in schemes for layer in values[s]}, key=natural_key)
-    positions = {layer: _block_and_kind(layer) for layer in layers}
-    if len(layers) > MAX_LAYER_ROWS and all(positions.values()):
-        fig = _per_layer_panels(values, schemes, positions, norm, metric)
-    else:
-        fig = _per_layer_rows(values, schemes, layers, norm, metric)
-    fig.suptitle(_title(results, f"per-layer {metric}"), fontsize=10)
-    return _save_png(fig, path)
-
-
-def _block_and_kind(layer):
-    """'model.layers.12.self_attn.q_proj' -> (12, 'self_attn.q_proj'); None without a block index."""
-    match = re.match(r"^(?:.*?\.)?(\d+)\.(.+)$", layer)
-    return (int(match[1]), match[2]) if match else None
-
-
-def _masked_log_cells(grid):
-    """Mask what a log colour scale cannot show (missing, zero): drawn grey."""
-    import numpy as np
-
-    return np.ma.masked_where(~(np.isfinite(grid) & (grid > 0)), grid)
-
-
-def _heatmap_colours():
-    from matplotlib import colormaps
-
-    return colormaps["viridis"].with_extremes(bad="lightgray")
-
-
-def _per_layer_rows(values, schemes, layers, norm, metric):
-    import numpy as np
-
-    grid = np.array([[values[s].get(layer, np.nan) for s in schemes] for layer in layers], dtype=float)  # (L, S)
-    fig = _figure(min(3 + 1.2 * len(schemes), 16), 1.5 + 0.22 * len(layers))
-    ax = fig.subplots()
-    image = ax.imshow(_masked_log_cells(grid), aspect="auto", norm=norm, cmap=_heatmap_colours(),
-                      interpolation="nearest")
-    ax.set_xticks(range(len(schemes)), schemes, rotation=30, ha="right", fontsize=8)
-    ax.set_yticks(range(len(layers)), layers, fontsize=7)
-    if grid.size <= 200:  # numbers in the cells stay legible only on small grids
-        for (row, col), v in np.ndenumerate(grid):
-            if np.isfinite(v):
-                ax.text(col, row, f"{v:.2g}", ha="center", va="center", fontsize=6,
-                        color="white" if v <= 0 or norm(v) < 0.5 else "black")
-    fig.colorbar(image, ax=ax, label=f"{metric} (log scale)")
-    return fig
-
-
-def _per_layer_panels(values, schemes, positions, norm, metric):
-    import numpy as np
-
-    kinds = sorted({kind for _, kind in positions.values()}, key=natural_key)
-    blocks = sorted({block for block, _ in positions.values()})
-    fig = _figure(12, 1 + len(schemes) * (0.8 + 0.25 * len(kinds)))
-    axes = fig.subplots(len(schemes), 1, sharex=True, squeeze=False)[:, 0]
-    for ax, scheme in zip(axes, schemes):
-        grid = np.full((len(kinds), len(blocks)), np.nan)  # (kinds, blocks)
-        for layer, v in values[scheme].items():
-            block, kind = positions[layer]
-            grid[kinds.index(kind), blocks.index(block)] = v
-        image = ax.imshow(_masked_log_cells(grid), aspect="auto", norm=norm, cmap=_heatmap_colours(),
-                          interpolation="nearest")
-        ax.set_yticks(range(len(kinds)), kinds, fontsize=7)
-        ax.set_title(scheme, fontsize=9)
-    axes[-1].set_xticks(range(len(blocks)), [str(b) for b in blocks], fontsize=7)
-    axes[-1].set_xlabel("block")
-    fig.colorbar(image, ax=list(axes), label=f"{metric} (log scale)")
-    return fig
+def _mean_of(entry, values, recorded):
+    """The scheme's recorded mean (e.g. mean_heldout_rel_loss), else the mean of its layers' values."""
+    return entry[recorded] if is_number(entry.get(recorded)) else sum(values.values()) / len(values)
 
 
 def machine_ceilings(results, machine=None):
