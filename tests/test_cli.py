@@ -47,6 +47,8 @@ def test_run_writes_results_and_reports_failed_assertions(tmp_path, capsys, monk
     assert set(results["results"]) == {"fp32", "int4-g64"}
     assert results["results"]["int4-g64"]["codes"] == {"min": -7, "max": 7}
     assert (tmp_path / "out" / "tiny" / "pareto.png").stat().st_size > 1000
+    page = (tmp_path / "out" / "tiny" / "report.html").read_text()
+    assert "FAILED" in page and "ppl_gap of int4-g64" in page   # the standalone page carries the verdicts
 
 
 @pytest.mark.parametrize("command, expected", [("models", "smollm2-135m"), ("datasets", "shakespeare"),

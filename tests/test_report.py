@@ -425,3 +425,13 @@ def test_calibration_plot_draws_held_out_error_when_it_was_measured(minigpt, tmp
                 stats["heldout_rel_loss"] = stats["rel_loss"] * 2
     heldout = plots.plot_calibration_size(results, tmp_path / "heldout.png").read_bytes()
     assert heldout.startswith(PNG_SIGNATURE) and heldout != in_sample
+
+
+def test_without_matplotlib_the_report_is_written_without_plots_and_says_how_to_get_them(seven, tmp_path, monkeypatch,
+                                                                                        caplog):
+    real_find_spec = plots.importlib.util.find_spec
+    monkeypatch.setattr(plots.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "matplotlib" else real_find_spec(name, *a))
+    written = report.write_report_files(seven, tmp_path, machine=MACHINE)
+    assert not any(str(p).endswith(".png") for p in written.values())
+    assert written["html"].is_file() and "quantlab[report]" in caplog.text

@@ -9,7 +9,9 @@ results give the same file.
 """
 from __future__ import annotations
 
+import importlib.util
 import io
+import logging
 import math
 from pathlib import Path
 
@@ -18,6 +20,8 @@ from quantlab.files import write_bytes
 from quantlab.report.heatmap import MAX_LAYER_ROWS, layer_values, natural_key, plot_per_layer  # noqa: F401
 from quantlab.report.units import _fmt_bytes
 from quantlab.roofline import attainable_gflops, decode_intensity, decode_seconds, measure_machine, ridge_intensity
+
+log = logging.getLogger("quantlab")
 
 PLOTS = ("pareto", "accuracy", "calibration_size", "per_layer", "roofline")
 
@@ -46,10 +50,7 @@ METHOD_MARKERS = {"float": "o", "rtn": "s", "gptq": "^"}
 
 
 def _figure(width, height):
-    try:
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise ImportError("the report's plots need matplotlib: pip install 'quantlab[report]'") from None
+    from matplotlib.figure import Figure
 
     return Figure(figsize=(width, height), dpi=100, layout="constrained")
 
@@ -354,6 +355,11 @@ def make_plots(results, out_dir, which=None, machine=None) -> dict:
     unknown = [n for n in names if n not in PLOTS]
     if unknown:
         raise ValueError(f"unknown plot name(s) {', '.join(map(repr, unknown))}; choose from {', '.join(PLOTS)}")
+    if names and importlib.util.find_spec("matplotlib") is None:
+        # `pip install quantlab` is the engine: without the [report] extra the run still writes its
+        # results and a page without plots, and says once how to get them.
+        log.warning("plots skipped: they need matplotlib (pip install 'quantlab[report]')")
+        return {}
     out_dir = Path(out_dir)
     drawers = {
         "pareto": lambda path: plot_pareto(results, path),
