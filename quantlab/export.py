@@ -388,6 +388,26 @@ def _llama_unpermute(t: torch.Tensor, n_head: int) -> torch.Tensor:
     return t.reshape(n_head, t.shape[0] // n_head // 2, 2, *t.shape[1:]).swapaxes(1, 2).reshape(t.shape)
 
 
+def llama_gguf_writer(path, cfg):
+    """A gguf.GGUFWriter for ``path`` with a transformers LlamaConfig's hyperparameters written: what
+    llama.cpp and transformers' GGUF loader read to rebuild the architecture."""
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    rope = getattr(cfg, "rope_parameters", None) or {}
+    writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))))
+    writer.add_rope_dimension_count(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+    writer.add_vocab_size(cfg.vocab_size)
+    return writer
+
+
 def export_gguf(quantized, path) -> ExportInfo:
     """Write ``quantized`` (a Llama, symmetric INT4/INT8 group 32) as a GGUF file with Q4_0/Q8_0 Linears built
     from quantlab's codes and scales; embeddings, norms and lm_head stay F32. Written to a temporary file,
@@ -407,18 +427,7 @@ def export_gguf(quantized, path) -> ExportInfo:
     os.close(fd)
     bytes_quantized = 0
     try:
-        writer = gguf.GGUFWriter(tmp, "llama")
-        writer.add_context_length(cfg.max_position_embeddings)
-        writer.add_embedding_length(cfg.hidden_size)
-        writer.add_block_count(cfg.num_hidden_layers)
-        writer.add_feed_forward_length(cfg.intermediate_size)
-        writer.add_head_count(cfg.num_attention_heads)
-        writer.add_head_count_kv(cfg.num_key_value_heads)
-        writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-        rope = getattr(cfg, "rope_parameters", None) or {}
-        writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))))
-        writer.add_rope_dimension_count(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
-        writer.add_vocab_size(cfg.vocab_size)
+        writer = llama_gguf_writer(tmp, cfg)
         writer.add_string(f"{METADATA_KEY}.scheme", scheme.describe())
         writer.add_string(f"{METADATA_KEY}.grid", scheme.grid)
         names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_hidden_layers)

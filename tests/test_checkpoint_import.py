@@ -224,16 +224,7 @@ def write_gguf_with_the_gguf_library(path, module, linear_types: dict, default: 
     import numpy as np
 
     cfg = module.config
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_context_length(cfg.max_position_embeddings)
-    writer.add_embedding_length(cfg.hidden_size)
-    writer.add_block_count(cfg.num_hidden_layers)
-    writer.add_feed_forward_length(cfg.intermediate_size)
-    writer.add_head_count(cfg.num_attention_heads)
-    writer.add_head_count_kv(cfg.num_key_value_heads)
-    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    writer.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
-    writer.add_vocab_size(cfg.vocab_size)
+    writer = export.llama_gguf_writer(path, cfg)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_hidden_layers)
     written = {}
     for key, value in module.state_dict().items():
