@@ -308,7 +308,7 @@ def _run(spec: Spec, cache: SchemeCache, out_dir, progress: bool) -> RunResult:
                                        and isinstance(e.threshold, (int, float))]},
         seconds=time.perf_counter() - started,
         versions=run_manifest["versions"], git=run_manifest["git"], timestamp=run_manifest["timestamp"],
-        machine={**run_manifest["machine"], **measure_machine()}, manifest=run_manifest,
+        machine={**run_manifest["machine"], **measure_machine(linear_shapes=first.workload.get("linear_shapes"))}, manifest=run_manifest,
     )
     if out_dir is not None:
         write_outputs(results, spec, out_dir)

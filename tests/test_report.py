@@ -363,7 +363,7 @@ def test_an_assertion_entry_gives_the_margin_from_the_numbers_or_the_message():
     assert failed["margin"] == pytest.approx(-0.05) and failed["threshold"] == "< 0.05"
     assert xfailed["margin"] == -0.25 and xfailed["threshold"] is None
     assert passed["outcome"] == "PASS" and report.tally([passed, failed, xfailed]) == {
-        "passed": 1, "failed": 1, "xfailed": 1, "verdict": "failed"}
+        "passed": 1, "failed": 1, "xfailed": 1, "inconclusive": 0, "verdict": "failed"}
 
 
 def test_assertions_list_failures_first_with_line_and_margin_and_fold_the_passing_ones():
@@ -435,3 +435,75 @@ def test_without_matplotlib_the_report_is_written_without_plots_and_says_how_to_
     written = report.write_report_files(seven, tmp_path, machine=MACHINE)
     assert not any(str(p).endswith(".png") for p in written.values())
     assert written["html"].is_file() and "quantlab[report]" in caplog.text
+
+
+INCONCLUSIVE_MESSAGE = ("ppl_gap of int4-g64-gptq = 0.14, 95% upper bound 0.16 is not < 0.15 (se 0.01 over 8 windows): "
+                        "inconclusive at 95%: evaluate more tokens (31 windows needed at this spread, 8 evaluated)")
+
+
+def inconclusive_entries():
+    """ENTRIES with the failing gap replaced by one whose bound straddles the threshold."""
+    from types import SimpleNamespace
+
+    entries = entries_of(ENTRIES[0], ENTRIES[2])
+    exp = SimpleNamespace(id="ppl_gap[int4-g64-gptq] < 0.15", line=4, op="<", threshold=0.15, xfail=None)
+    outcome = SimpleNamespace(passed=False, message=INCONCLUSIVE_MESSAGE, measured=0.14, inconclusive=True)
+    return [*entries, report.assertion_entry(exp, outcome, "FAIL ", source="specs/s.yaml")]
+
+
+def test_an_inconclusive_failure_is_labelled_as_such_and_still_fails_the_spec():
+    entries = inconclusive_entries()
+    assert entries[-1]["outcome"] == "INCONCLUSIVE"
+    assert report.tally(entries)["verdict"] == "failed" and report.tally(entries)["inconclusive"] == 1
+    card = report.spec_card("test/report", entries)
+    failing = card.partition('<details class="ql-passing">')[0]
+    assert 'ql-inconclusive">INCONCLUSIVE<' in failing and "evaluate more tokens (31 windows needed" in failing
+    assert ">FAIL<" not in failing and "1 failed (1 inconclusive)" in card and "ql-badge ql-failed" in card
+
+
+def test_the_standalone_page_labels_an_inconclusive_assertion(written, tmp_path):
+    from quantlab.report.standalone import rewrite_report_page
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.json").write_bytes(written["results"].read_bytes())
+    page_text = rewrite_report_page(out, inconclusive_entries()).read_text()
+    assert 'ql-inconclusive">INCONCLUSIVE<' in page_text and "inconclusive at 95%: evaluate more tokens" in page_text
+    assert 'class="ql-badge ql-failed">FAILED' in page_text
+
+
+LOWBIT = {"kernels": {
+    "fp32": {"op": "torch.nn.functional.linear", "seconds_per_token": 1e-3, "tokens_per_second": 1000.0,
+             "ratio_to_fp32": 1.0, "flops": 6.4e6, "bytes": 12.8e6, "intensity": 0.5, "gflops": 6.4, "threads": 1},
+    "int8": {"op": "aten._weight_int8pack_mm", "seconds_per_token": 5e-4, "tokens_per_second": 2000.0,
+             "ratio_to_fp32": 2.0, "flops": 6.4e6, "bytes": 3.2e6, "intensity": 2.0, "gflops": 12.8, "threads": 1},
+    "int4": {"op": "aten._weight_int4pack_mm_for_cpu", "seconds_per_token": 4e-4, "tokens_per_second": 2500.0,
+             "ratio_to_fp32": 2.5, "flops": 6.4e6, "bytes": 1.7e6, "intensity": 3.76, "gflops": 16.0, "threads": 1}},
+    "unavailable": {}}
+
+
+@pytest.mark.parametrize("lowbit", [None, LOWBIT], ids=["theory only", "with measured kernels"])
+def test_the_roofline_plot_draws_with_and_without_measured_kernels(seven, tmp_path, lowbit):
+    machine = {**MACHINE, **({"lowbit_kernels": lowbit} if lowbit else {})}
+    path = plots.plot_roofline(seven, machine, tmp_path / "roofline.png")
+    assert path.read_bytes().startswith(PNG_SIGNATURE)
+    assert plots.measured_kernels(seven, machine) == ({} if lowbit is None else {
+        name: k for name, k in LOWBIT["kernels"].items()})
+
+
+def test_interpretation_sets_the_measured_kernels_beside_the_theory(seven):
+    results = {**seven, "machine": {**MACHINE, "lowbit_kernels": LOWBIT}}
+    text = " ".join(report.interpretation(results))
+    measured = next(s for s in report.interpretation(results) if s.startswith("Measured on this CPU"))
+    assert ("INT4 packed kernel (aten._weight_int4pack_mm_for_cpu) 2,500 tokens/s vs fp32 F.linear 1,000 (2.50x), "
+            "theory 7.5x; the int8 weight-only kernel") in measured
+    assert "decode speed-up" not in measured and "above the" not in text   # 6.4 GFLOP/s is under this roof
+    assert "Measured on this CPU" not in " ".join(report.interpretation(seven))
+
+
+def test_interpretation_names_the_evaluation_throughput_for_what_it_is(seven):
+    results = {**seven, "results": {name: {**r, "tokens_per_second": 1000.0 + i}
+                                    for i, (name, r) in enumerate(seven["results"].items())}}
+    sentence = next(s for s in report.interpretation(results) if s.startswith("As evaluated"))
+    assert "1,000 (fp32) to 1,006 (int4-g64-gptq) tokens/s" in sentence and "prefill-style" in sentence
+    assert "neither batch-1 decode speed" in sentence

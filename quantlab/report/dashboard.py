@@ -5,7 +5,8 @@ The assertions are handed in as entries (plain dicts, see ``assertion_entry``) b
 them (``quantlab run`` or the pytest plugin), so this module never imports the spec schema: an entry
 reads its expectation and outcome by attribute. Outcome labels are cli.verdict's: PASS, FAIL, XFAIL
 (an expected failure that holds) and XPASS(strict) (an expected failure that passed: a failure), plus
-ERROR for a check that could not run.
+ERROR for a check that could not run, and INCONCLUSIVE for a FAIL whose outcome is ``inconclusive``
+(the confidence bound straddles the threshold: more tokens would settle it), still a failure.
 """
 from __future__ import annotations
 
@@ -15,15 +16,17 @@ import re
 from quantlab.analysis import is_number
 from quantlab.report.units import MISSING, _fmt_num
 
-FAILING = ("FAIL", "XPASS(strict)", "ERROR")
-OUTCOME_CLASS = {"PASS": "pass", "FAIL": "fail", "XFAIL": "xfail", "XPASS(strict)": "fail", "ERROR": "fail"}
+FAILING = ("FAIL", "INCONCLUSIVE", "XPASS(strict)", "ERROR")
+OUTCOME_CLASS = {"PASS": "pass", "FAIL": "fail", "INCONCLUSIVE": "inconclusive", "XFAIL": "xfail",
+                 "XPASS(strict)": "fail", "ERROR": "fail"}
 _MARGIN = re.compile(r"\(margin ([-+]?(?:[0-9.]+(?:e[-+]?\d+)?|inf|nan))\)")
 
 
 def assertion_entry(exp, outcome, label: str, source=None, href=None) -> dict:
     """The dashboard's record of one evaluated assertion: ``exp`` has ``id``, ``line``, ``op``,
     ``threshold`` and ``xfail``; ``outcome`` has ``message`` and ``measured``; ``label`` is the
-    verdict (PASS, FAIL, XFAIL, XPASS(strict)). The margin is the distance to the threshold, positive
+    verdict (PASS, FAIL, XFAIL, XPASS(strict)); a FAIL whose outcome is ``inconclusive`` is recorded as
+    INCONCLUSIVE (a failure all the same). The margin is the distance to the threshold, positive
     when the assertion holds, taken from the numbers when both are numbers, else from the message."""
     measured = getattr(outcome, "measured", None)
     threshold, op = getattr(exp, "threshold", None), getattr(exp, "op", None)
@@ -40,23 +43,27 @@ def assertion_entry(exp, outcome, label: str, source=None, href=None) -> dict:
     else:
         shown = None
     return {"id": str(getattr(exp, "id", "")), "line": getattr(exp, "line", None), "source": source,
-            "outcome": label.strip(), "message": message, "measured": measured if is_number(measured) else None,
+            "outcome": "INCONCLUSIVE" if label.strip() == "FAIL" and getattr(outcome, "inconclusive", False)
+            else label.strip(), "message": message, "measured": measured if is_number(measured) else None,
             "threshold": shown, "margin": margin, "xfail": getattr(exp, "xfail", None), "href": href}
 
 
 def tally(entries) -> dict:
-    """{"passed", "failed", "xfailed"} counts and the spec's ``verdict``: "failed" when any assertion
-    fails (an XPASS(strict) included), else "passed"."""
-    counts = {"passed": 0, "failed": 0, "xfailed": 0}
+    """{"passed", "failed", "xfailed"} counts (and "inconclusive", the failures among them that more
+    tokens could settle) and the spec's ``verdict``: "failed" when any assertion fails (an
+    XPASS(strict) or INCONCLUSIVE included), else "passed"."""
+    counts = {"passed": 0, "failed": 0, "xfailed": 0, "inconclusive": 0}
     for entry in entries:
         outcome = entry.get("outcome")
         counts["failed" if outcome in FAILING else "xfailed" if outcome == "XFAIL" else "passed"] += 1
+        counts["inconclusive"] += outcome == "INCONCLUSIVE"
     counts["verdict"] = "failed" if counts["failed"] else "passed"
     return counts
 
 
 def counts_text(counts) -> str:
-    parts = [f"{counts['failed']} failed" if counts["failed"] else "", f"{counts['passed']} passed",
+    inconclusive = f" ({counts['inconclusive']} inconclusive)" if counts.get("inconclusive") else ""
+    parts = [f"{counts['failed']} failed{inconclusive}" if counts["failed"] else "", f"{counts['passed']} passed",
              f"{counts['xfailed']} expected failure{'s' if counts['xfailed'] != 1 else ''}" if counts["xfailed"] else ""]
     return ", ".join(p for p in parts if p)
 
@@ -187,6 +194,7 @@ STYLE = """<style>
 .ql-outcome.ql-pass { color: #2e7d32; }
 .ql-outcome.ql-fail { color: #c62828; }
 .ql-outcome.ql-xfail { color: #b26a00; }
+.ql-outcome.ql-inconclusive { color: #c62828; border: 1px dashed #c62828; border-radius: 3px; padding: 0 3px; }
 table.ql-assertions, table.quantlab-metrics { border-collapse: collapse; font-size: 13px; margin: 4px 0 8px; }
 table.ql-assertions th, table.quantlab-metrics th { text-align: left; background: #f3f3f3; padding: 3px 8px;
   border-bottom: 1px solid #ccc; font-weight: 600; white-space: nowrap; }

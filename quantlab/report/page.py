@@ -22,9 +22,9 @@ import html
 
 from quantlab.analysis import (dominator, gap_of, is_number, pareto_frontier, same_grid_rtn, scheme_meta, scheme_method,
                                scheme_order, scheme_results, usable)
-from quantlab.report.plots import decode_points, machine_ceilings
+from quantlab.report.plots import decode_points, machine_ceilings, measured_kernels
 from quantlab.report.units import MISSING, _fmt_bytes, _fmt_num, _fmt_pct, _fmt_si, _fmt_with_error  # noqa: F401
-from quantlab.roofline import decode_seconds, ridge_intensity
+from quantlab.roofline import KERNEL_LABELS, attainable_gflops, decode_seconds, ridge_intensity
 
 
 def _task_names(results) -> list:
@@ -189,6 +189,63 @@ def _gptq_sentences(results, thresholds) -> list:
 
 
 def _speedup_sentences(results, machine) -> list:
+    return _theory_sentences(results, machine) + _measured_sentences(results, machine) + _throughput_sentences(results)
+
+
+def _measured_sentences(results, machine) -> list:
+    """What the real low-bit kernels did on this CPU (``machine["lowbit_kernels"]``), against theory."""
+    kernels = measured_kernels(results, machine)
+    if "fp32" not in kernels:
+        return []
+    fp32 = kernels["fp32"]
+    threads = {k.get("threads") for k in kernels.values()} - {None}
+    where = "batch-1 matmuls through the block Linears, best of repeats"
+    if len(threads) == 1:
+        count = next(iter(threads))
+        where += f", {count} thread{'s' if count != 1 else ''}"
+
+    def theory(kernel):
+        if machine is not None:
+            return decode_seconds(fp32, machine) / decode_seconds(kernel, machine)
+        return fp32["bytes"] / kernel["bytes"]
+    parts = [f"the {KERNEL_LABELS[name]} ({kernels[name]['op']}) {kernels[name]['tokens_per_second']:,.0f} tokens/s "
+             f"({kernels[name]['ratio_to_fp32']:.2f}x, theory {theory(kernels[name]):.1f}x)"
+             for name in ("int4", "int8") if name in kernels]
+    if not parts:
+        sentence = f"Measured on this CPU ({where}): fp32 F.linear {fp32['tokens_per_second']:,.0f} tokens/s"
+    else:
+        first = next(name for name in ("int4", "int8") if name in kernels)
+        k = kernels[first]
+        sentence = (f"Measured on this CPU ({where}): the {KERNEL_LABELS[first]} ({k['op']}) "
+                    f"{k['tokens_per_second']:,.0f} tokens/s vs fp32 F.linear {fp32['tokens_per_second']:,.0f} "
+                    f"({k['ratio_to_fp32']:.2f}x), theory {theory(k):.1f}x" + "".join(f"; {p}" for p in parts[1:]))
+    unavailable = ((results.get("machine") or {}).get("lowbit_kernels") or {}).get("unavailable") or {}
+    if unavailable:
+        sentence += "; not measured: " + "; ".join(f"{name} ({why})" for name, why in sorted(unavailable.items()))
+    sentences = [sentence + "."]
+    if machine is not None and fp32["gflops"] > attainable_gflops(fp32["intensity"], machine):
+        roof = attainable_gflops(fp32["intensity"], machine)
+        sentences.append(f"fp32 reached {fp32['gflops']:.0f} GFLOP/s, above the {roof:.1f} GFLOP/s the memory roof "
+                         f"allows at its intensity: its {_fmt_bytes(fp32['bytes'])} of block weights are served from "
+                         "the CPU's caches, not DRAM, so fewer bytes buy less than the roofline predicts.")
+    return sentences
+
+
+def _throughput_sentences(results) -> list:
+    """The evaluation's tokens_per_second, named for what it is."""
+    rs = scheme_results(results)
+    speeds = {s: rs[s]["tokens_per_second"] for s in scheme_order(results) if is_number(rs[s].get("tokens_per_second"))}
+    if not speeds:
+        return []
+    slowest, fastest = min(speeds, key=speeds.get), max(speeds, key=speeds.get)
+    spread = (f"{speeds[slowest]:,.0f} ({slowest}) to {speeds[fastest]:,.0f} ({fastest}) tokens/s" if len(speeds) > 1
+              else f"{speeds[slowest]:,.0f} tokens/s ({slowest})")
+    return [f"As evaluated, the window passes ran at {spread}: batched, prefill-style throughput over whole windows "
+            "with the quantized weights dequantized to float, so every scheme runs the same float matmuls; it is "
+            "neither batch-1 decode speed nor the speed of a low-bit format."]
+
+
+def _theory_sentences(results, machine) -> list:
     points = decode_points(results)
     baseline = results.get("baseline")
     int4 = [s for s in points if scheme_meta(results, s).get("bits") == 4 and scheme_method(results, s) in ("gptq", "rtn")

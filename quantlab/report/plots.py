@@ -19,7 +19,8 @@ from quantlab.analysis import is_number, pareto_frontier, scheme_method, scheme_
 from quantlab.files import write_bytes
 from quantlab.report.heatmap import MAX_LAYER_ROWS, layer_values, natural_key, plot_per_layer  # noqa: F401
 from quantlab.report.units import _fmt_bytes
-from quantlab.roofline import attainable_gflops, decode_intensity, decode_seconds, measure_machine, ridge_intensity
+from quantlab.roofline import (KERNEL_LABELS, attainable_gflops, decode_intensity, decode_seconds, measure_machine,
+                               ridge_intensity)
 
 log = logging.getLogger("quantlab")
 
@@ -41,12 +42,16 @@ PLOT_CAPTIONS = {
                  "how many times smaller GPTQ's error is than RTN's. Grey: not quantized or not recorded.",
     "roofline": "Roofline of one batch-1 decode step on this machine: each scheme's arithmetic "
                 "intensity (every weight byte, scale and activation read) against the measured "
-                "compute and bandwidth ceilings.",
+                "compute and bandwidth ceilings. Hollow markers are measured: batch-1 matmuls through the "
+                "block Linears with torch's float32 F.linear and its int8 and INT4 weight-only CPU kernels, "
+                "at the intensity of the bytes each reads and the GFLOP/s it reached.",
 }
 
 METHOD_COLOURS = {"float": "tab:gray", "rtn": "tab:blue", "gptq": "tab:red"}
 UNKNOWN_METHOD_COLOUR = "tab:purple"
 METHOD_MARKERS = {"float": "o", "rtn": "s", "gptq": "^"}
+MEASURED_COLOURS = {"fp32": "dimgray", "int8": "tab:green", "int4": "tab:red"}
+MEASURED_MARKERS = {"fp32": "o", "int8": "D", "int4": "P"}
 
 
 def _figure(width, height):
@@ -304,6 +309,18 @@ def machine_ceilings(results, machine=None):
     return None
 
 
+def measured_kernels(results, machine=None) -> dict:
+    """The measured low-bit kernels ({name: entry} of ``roofline.measure_lowbit_kernels``'s "kernels")
+    from ``machine`` if it holds them, else from the results' recorded machine; {} when neither does."""
+    for candidate in (machine, results.get("machine")):
+        kernels = ((candidate or {}).get("lowbit_kernels") or {}).get("kernels") or {}
+        kernels = {name: k for name, k in kernels.items()
+                   if is_number(k.get("intensity")) and is_number(k.get("gflops")) and k["gflops"] > 0}
+        if kernels:
+            return kernels
+    return {}
+
+
 def decode_points(results) -> dict:
     model = results.get("model") or {}
     if not (model.get("params_matmul") or model.get("params_linear")):
@@ -321,7 +338,8 @@ def plot_roofline(results, machine, path):
     if not points or machine is None:
         return None
     ridge = ridge_intensity(machine)
-    intensities = [p["intensity"] for p in points.values()]
+    measured = measured_kernels(results, machine)
+    intensities = [p["intensity"] for p in points.values()] + [k["intensity"] for k in measured.values()]
     xs = np.logspace(math.log10(min(intensities + [ridge]) / 10), math.log10(max(intensities + [ridge]) * 10), 200)
     fig = _figure(7, 4.5)
     ax = fig.subplots()
@@ -337,8 +355,17 @@ def plot_roofline(results, machine, path):
         ax.scatter(point["intensity"], attainable_gflops(point["intensity"], machine), zorder=3,
                    color=colours(i % 10), marker=METHOD_MARKERS.get(scheme_method(results, scheme), "D"),
                    label=f"{scheme}: {point['intensity']:.2f} FLOP/B, {tokens_per_second:,.0f} tok/s")
+    # Measured points: hollow, so they read as measurements beside the filled theoretical ones.
+    for name, kernel in measured.items():
+        threads = kernel.get("threads")
+        ax.scatter(kernel["intensity"], kernel["gflops"], zorder=4, facecolors="none", linewidths=1.5, s=60,
+                   edgecolors=MEASURED_COLOURS.get(name, "black"), marker=MEASURED_MARKERS.get(name, "o"),
+                   label=f"measured: {KERNEL_LABELS.get(name, name)}, {kernel['tokens_per_second']:,.0f} tok/s "
+                         f"(block Linears{f', {threads} thread' + ('s' if threads != 1 else '') if threads else ''})")
     ax.legend(fontsize=7, loc="lower right")
-    ax.set_ylim(top=machine["peak_gflops"] * 2)
+    lowest = min([attainable_gflops(min(intensities + [ridge]) / 10, machine)]
+                 + [k["gflops"] for k in measured.values()])
+    ax.set_ylim(bottom=lowest / 2, top=max([machine["peak_gflops"]] + [k["gflops"] for k in measured.values()]) * 2)
     ax.set_xlabel("arithmetic intensity of one decode step (FLOP/byte)")
     ax.set_ylabel("attainable GFLOP/s")
     ax.set_title(_title(results, f"decode roofline ({machine['peak_gflops']:.0f} GFLOP/s, "
