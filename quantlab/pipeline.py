@@ -23,6 +23,7 @@ from quantlab.spec import SchemeConfig, Spec, as_spec
 
 log = logging.getLogger("quantlab")
 
+
 class RunInterrupted(KeyboardInterrupt):
     """Ctrl-C during a run; ``str()`` is the one line to show: what was cached, and that a rerun resumes."""
 
@@ -36,7 +37,6 @@ class SpecRun:
 
     def __init__(self, spec: Spec, cache: SchemeCache, progress: bool = False):
         self.spec, self.cache, self.progress = spec, cache, progress
-        self.health: list = []
 
     # --- shared inputs, built lazily (a fully cached run never loads the model) ------------------
     @cached_property
@@ -308,7 +308,8 @@ def _run(spec: Spec, cache: SchemeCache, out_dir, progress: bool) -> RunResult:
                                        and isinstance(e.threshold, (int, float))]},
         seconds=time.perf_counter() - started,
         versions=run_manifest["versions"], git=run_manifest["git"], timestamp=run_manifest["timestamp"],
-        machine={**run_manifest["machine"], **measure_machine(linear_shapes=first.workload.get("linear_shapes"))}, manifest=run_manifest,
+        machine={**run_manifest["machine"], **measure_machine(linear_shapes=first.workload.get("linear_shapes"))},
+        manifest=run_manifest,
     )
     if out_dir is not None:
         write_outputs(results, spec, out_dir)
