@@ -74,6 +74,12 @@ def result_versions() -> dict:
     return {name: versions.get(name) for name in ("python", *RESULT_LIBRARIES)}
 
 
+def baseline_log_probs_path(directory: Path, baseline_key: str, windows_sha256: str, seq_len: int) -> Path:
+    """Where the baseline's float16 log-probs are stored (quantlab.evaluate.BaselineLogProbs): keyed by the
+    baseline scheme's cache key and the evaluation windows, beside the scheme entries."""
+    return Path(directory) / f"baseline-{key_of([baseline_key, windows_sha256, seq_len])}.logprobs.f16.npy"
+
+
 def key_of(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:24]
 

@@ -115,13 +115,28 @@ class SpecRun:
         return store[key]
 
     def baseline_log_probs(self, spec: Spec):
+        import shutil
+        import tempfile
+        import weakref
+
+        from quantlab.cache import baseline_log_probs_path
         from quantlab.evaluate import BaselineLogProbs
 
         plan = self.plan(spec)
         store = self.__dict__.setdefault("_baselines", {})
         key = (id(plan), self.cache_key(spec, spec.schemes[spec.baseline]))
         if key not in store:
-            store[key] = BaselineLogProbs(self.baseline_quantized(spec).model, plan)
+            # Stored once as a float16 file and streamed back for every scheme: in the cache directory
+            # (reused by later runs), or without a cache in a temporary directory removed with this run.
+            if self.cache.enabled:
+                directory = self.cache.directory
+            else:
+                if "_baseline_tmp" not in self.__dict__:
+                    self._baseline_tmp = Path(tempfile.mkdtemp(prefix="quantlab-baseline-"))
+                    weakref.finalize(self, shutil.rmtree, self._baseline_tmp, ignore_errors=True)
+                directory = self._baseline_tmp
+            path = baseline_log_probs_path(directory, key[1], plan.windows_sha256(), plan.seq_len)
+            store[key] = BaselineLogProbs(self.baseline_quantized(spec).model, plan, path=path)
         return store[key]
 
     # --- the fingerprint of the evaluation protocol ---------------------------------------------

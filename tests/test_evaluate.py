@@ -1,6 +1,7 @@
 """Evaluation metrics against closed forms: bigram models whose logits are a fixed table make
 perplexity, KL divergence and multiple-choice scores computable by hand."""
 import copy
+import gc
 import json
 import math
 
@@ -365,3 +366,108 @@ def test_evaluate_keeps_per_window_means_per_item_correctness_and_the_paired_sta
     json.dumps(result, allow_nan=False)
     alone = evaluate(baseline, plan)                        # no baseline: only window_nll of the new keys
     assert len(alone["window_nll"]) == 4 and alone["ln_ppl_ratio"] is None and alone["kld_percentiles"] is None
+
+
+# ---------------------------------------------------------------------------------------------
+# The baseline's log-probs stored once in a float16 file
+
+
+def test_stored_baseline_runs_the_baseline_once_for_any_number_of_schemes(make_minigpt, tmp_path):
+    baseline = counting(make_minigpt())
+    plan = EvalPlan(random_bytes(64 * 5), seq_len=64, batch_size=2)
+    prepared = BaselineLogProbs(baseline, plan, path=tmp_path / "base.npy")
+    assert baseline.calls == 3 and prepared.stored is not None and prepared.cached is None
+    for seed in range(4):                                      # N = 4 schemes, one pass each
+        quantized = counting(perturbed(baseline.inner, seed=seed))
+        evaluate(quantized, plan, prepared)
+        assert quantized.calls == 3
+    assert baseline.calls == 3
+    assert (tmp_path / "base.npy").stat().st_size >= 5 * 63 * 256 * 2   # float16: 2 bytes a logit
+    again = counting(baseline.inner)
+    BaselineLogProbs(again, plan, path=tmp_path / "base.npy")   # an existing file: no forward at all
+    assert again.calls == 0
+
+
+def test_a_half_written_baseline_file_is_never_read(make_minigpt, tmp_path):
+    model = make_minigpt()
+    plan = EvalPlan(random_bytes(64 * 4), seq_len=64, batch_size=1)
+    path = tmp_path / "base.npy"
+
+    class Interrupted(Exception):
+        pass
+
+    failing = counting(model)
+    original = failing.logits
+
+    def logits(tokens):
+        if failing.calls == 2:
+            raise Interrupted
+        return original(tokens)
+
+    failing.logits = logits
+    with pytest.raises(Interrupted):
+        BaselineLogProbs(failing, plan, path=path)
+    assert not path.exists() and list(tmp_path.iterdir()) == []    # the temporary file is gone too
+    # A file of the wrong shape (another plan's, or truncated by hand) is not read either: rewritten.
+    path.write_bytes(b"\x93NUMPY truncated")
+    rerun = counting(model)
+    stored = BaselineLogProbs(rerun, plan, path=path)
+    assert rerun.calls == 4
+    exact = BaselineLogProbs(model, plan)
+    assert torch.allclose(stored.for_windows(0, plan.windows()), exact.cached, atol=4e-3)
+
+
+def test_float16_storage_moves_kl_and_the_paired_statistics_less_than_their_standard_errors(make_minigpt, tmp_path):
+    model = make_minigpt()
+    plan = EvalPlan(random_bytes(64 * 16), seq_len=64, batch_size=4)
+    exact = BaselineLogProbs(model, plan)
+    stored = BaselineLogProbs(model, plan, path=tmp_path / "base.npy")
+    for scale in (0.05, 0.5):
+        quantized = perturbed(model, scale=scale)
+        a, b = evaluate(quantized, plan, exact), evaluate(quantized, plan, stored)
+        shifts = {
+            "kld_mean": (abs(a["kld_mean"] - b["kld_mean"]), a["kld_stderr"]),
+            "top1_agreement": (abs(a["top1_agreement"] - b["top1_agreement"]), a["top1_agreement_stderr"]),
+            "ppl_gap": (abs(a["ppl_gap"] - b["ppl_gap"]), a["ppl_gap_stderr"]),
+            "ln_ppl_ratio": (abs(a["ln_ppl_ratio"] - b["ln_ppl_ratio"]), a["ln_ppl_ratio_stderr"]),
+            "delta_p_mean": (abs(a["delta_p_mean"] - b["delta_p_mean"]), a["delta_p_stderr"]),
+            "delta_p_rms": (abs(a["delta_p_rms"] - b["delta_p_rms"]), a["delta_p_rms_stderr"]),
+        }
+        print(scale, {k: (f"{d:.2e}", f"{se:.2e}") for k, (d, se) in shifts.items()})
+        for name, (shift, stderr) in shifts.items():
+            assert shift < stderr, name
+        # The stated tolerance: float16 rounding (|error| <= 2^-11 relative in log p) moves kld by < 1e-4 + 1%.
+        assert b["kld_mean"] == pytest.approx(a["kld_mean"], rel=1e-2, abs=1e-4)
+    same = evaluate(model, plan, stored)                  # the baseline against its own stored log-probs
+    assert abs(same["kld_mean"]) < 1e-5 and abs(same["ppl_gap"]) < 1e-4 and same["top1_agreement"] > 0.999
+
+
+def test_a_second_spec_run_on_the_same_cache_reuses_the_stored_baseline(make_minigpt, tmp_path):
+    from types import SimpleNamespace
+
+    from quantlab.cache import SchemeCache
+    from quantlab.pipeline import SpecRun
+    from quantlab.spec import parse_spec
+
+    spec = parse_spec({"model": "minigpt-shakespeare", "evaluation": {"seq_len": 32, "kl_divergence": True},
+                       "schemes": {"fp32": "fp32", "rtn": "int4-g64"}}, "<test>", name="test/baseline")
+    model = counting(make_minigpt(block_size=32))
+    calls = []
+    for enabled in (True, True, False):
+        runner = SpecRun(spec, SchemeCache(tmp_path / "cache", enabled=enabled))
+        runner.__dict__["model"] = model.inner
+        runner.__dict__["_eval_tokens"] = {(spec.evaluation.dataset, spec.evaluation.split): random_bytes(32 * 6)}
+        runner.__dict__["baseline_quantized"] = lambda spec: SimpleNamespace(model=model)
+        before = model.calls
+        prepared = runner.baseline_log_probs(spec)
+        assert runner.baseline_log_probs(spec) is prepared
+        calls.append(model.calls - before)
+        assert prepared.stored is not None
+        if not enabled:   # no cache: a temporary file outside the cache directory, removed with the run
+            assert not prepared.path.is_relative_to(tmp_path)
+            temporary = prepared.path.parent
+            del runner, prepared
+            gc.collect()
+            assert not temporary.exists()
+    assert calls == [1, 0, 1]     # 6 windows in one batch of 8
+    assert len(list((tmp_path / "cache").glob("baseline-*.f16.npy"))) == 1   # and its .top1.npy
