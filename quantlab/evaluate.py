@@ -56,8 +56,11 @@ METRIC_KEYS = (tuple(name for name, m in METRICS.items() if m.source == "evaluat
 # Without a file to store them in, caching the baseline's log-probs in memory saves one baseline forward
 # pass per window for every scheme after the first; above this size (SmolLM2: 49,152 x 4 bytes per
 # scored token, so ~5,000 tokens) they are recomputed window by window instead so memory stays bounded.
-# With a file (``BaselineLogProbs(..., path=...)``, what a spec run uses) there is no size limit.
 DEFAULT_MAX_CACHED_BYTES = 1 << 30
+# With a file (``BaselineLogProbs(..., path=...)``, what a spec run uses) the limit is disk, not memory:
+# SmolLM2 on 32,768 tokens would write 3.2 GB into the cache directory on every protocol change, which a
+# shared CI disk may not have. Above this size the file is not written and the in-memory rules apply.
+DEFAULT_MAX_FILE_BYTES = 2 << 30
 
 # How the baseline's log-probs are stored on disk: float16, as llama.cpp's KL-divergence base file.
 STORED_DTYPE = np.float16
@@ -243,14 +246,15 @@ class BaselineLogProbs:
       float16-rounded baseline log-probs (``STORED_DTYPE``), renormalised; top-1 agreement uses the
       baseline's exact argmax, stored beside them. The floor this sets (the baseline against its own
       file, MiniGPT: KL 9e-8, ppl_gap 2e-6) is far below any integer scheme's standard errors but not
-      below an fp16 scheme's own KL (1.8e-7).
+      below an fp16 scheme's own KL (1.8e-7). A file larger than ``max_file_bytes`` is not written:
+      the two rules below apply instead.
     - no path, all log-probs within ``max_cached_bytes``: computed here once and kept in memory (float32).
     - no path, larger: recomputed window batch by window batch during each evaluation (one baseline
       forward pass per window per scheme), so memory stays bounded by one batch.
     """
 
     def __init__(self, model: LanguageModel, plan: EvalPlan, max_cached_bytes: int = DEFAULT_MAX_CACHED_BYTES,
-                 path: Union[str, Path, None] = None):
+                 path: Union[str, Path, None] = None, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES):
         self.model = model
         self.windows = plan.windows()                                       # (W, T)
         self.device = plan.device
@@ -260,6 +264,8 @@ class BaselineLogProbs:
         self.cached: Optional[torch.Tensor] = None                          # (W, T-1, V) when cached
         self.stored: Optional[np.ndarray] = None                            # (W, T-1, V) float16 memmap
         self.stored_top1: Optional[np.ndarray] = None                       # (W, T-1) int32, exact argmax
+        if self.path is not None and n_windows * (seq_len - 1) * model.vocab_size * 2 > max_file_bytes:
+            self.path = None   # too large to store: fall back to memory or recomputation below
         if self.path is not None:
             self.stored, self.stored_top1 = self._open()
             if self.stored is None:

@@ -471,3 +471,13 @@ def test_a_second_spec_run_on_the_same_cache_reuses_the_stored_baseline(make_min
             assert not temporary.exists()
     assert calls == [1, 0, 1]     # 6 windows in one batch of 8
     assert len(list((tmp_path / "cache").glob("baseline-*.f16.npy"))) == 1   # and its .top1.npy
+
+
+def test_baseline_log_probs_too_large_for_the_file_budget_are_not_written(make_minigpt, tmp_path):
+    # SmolLM2 on a CI-sized split would write gigabytes into the cache directory: above the budget the
+    # baseline is kept in memory or recomputed, as without a file.
+    baseline = make_minigpt()
+    plan = EvalPlan(random_bytes(64 * 3), seq_len=64)
+    prepared = BaselineLogProbs(baseline, plan, path=tmp_path / "base.npy", max_file_bytes=1000)
+    assert prepared.path is None and prepared.cached is not None
+    assert list(tmp_path.iterdir()) == []
