@@ -22,9 +22,10 @@ The protocol, identical for every scheme and model kind (and stated in ``EvalPla
 Every metric that could not be computed (no baseline, one window, NaN logits) is None, never NaN, so
 results serialise to strict JSON.
 
-(One module past 400 lines on purpose: the protocol above is one thing, and perplexity, KL divergence
-and task scoring share its plan, its window pass and its NaN accounting; split, the convention would be
-stated in three places.)
+(One module past 400 lines on purpose: the protocol above is one thing, and perplexity, KL divergence,
+task scoring and the stored baseline log-probs share its plan, its window pass and its NaN accounting;
+split, the convention would be stated in several places. The statistics themselves are pure functions
+in quantlab.statistics.)
 """
 from __future__ import annotations
 

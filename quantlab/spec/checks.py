@@ -7,6 +7,9 @@ its ``evaluate`` turns an expectation and a run's results (the results.json shap
 whose message is one line: what was measured, against what, by how much. Adding a check is adding a
 class to ``CHECKS``.
 
+(Past 400 lines on purpose: six checks, each a parse and an evaluate, read best side by side; the largest
+is the comparison with ``confidence``, whose bound comes from the paired statistics in quantlab.statistics.)
+
 A check that is true (or false) by construction is refused when the spec is loaded, with why: a metric
 the spec never computes (``metric_unavailable``), a sweep check on a scheme the sweep cannot move (RTN
 and float schemes draw no calibration data, so every sweep point reuses one result), a monotone check
