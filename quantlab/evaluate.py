@@ -328,12 +328,15 @@ class BaselineLogProbs:
                 if leftover.exists():
                     leftover.unlink()
 
-    def for_windows(self, start: int, windows: torch.Tensor) -> torch.Tensor:
-        """Log-probs (B, T-1, V) float32 on the plan's device for ``windows``, rows start..start+B of the plan."""
-        expected = self.windows[start:start + len(windows)]
-        if not torch.equal(expected, windows.cpu()):
+    def check_windows(self, start: int, windows: torch.Tensor) -> None:
+        """Refuse windows other than rows start..start+B of the plan these log-probs were prepared for."""
+        if not torch.equal(self.windows[start:start + len(windows)], windows.cpu()):
             raise ValueError("the baseline log-probs were prepared for other windows; build BaselineLogProbs "
                              "from the same EvalPlan that is evaluated")
+
+    def for_windows(self, start: int, windows: torch.Tensor) -> torch.Tensor:
+        """Log-probs (B, T-1, V) float32 on the plan's device for ``windows``, rows start..start+B of the plan."""
+        self.check_windows(start, windows)
         if self.stored is not None:
             rows = np.array(self.stored[start:start + len(windows)])         # a writable float16 copy
             # Renormalised in float32: rounding leaves sum(exp) a little off 1, and that offset, not the
@@ -389,7 +392,13 @@ def run_windows(model: LanguageModel, plan: EvalPlan, baseline: Optional[Baselin
         targets = batch[:, 1:].to(plan.device)                                 # (B, T-1)
         nll.append(token_nll(log_probs, targets).cpu())
         if baseline is not None:
-            reference = baseline.for_windows(start, batch)                     # (B, T-1, V)
+            # The baseline scored against itself is its own logits: exact (KL 0), not the stored float16
+            # copy, and no second read.
+            if baseline.model is model:
+                baseline.check_windows(start, batch)
+                reference = log_probs
+            else:
+                reference = baseline.for_windows(start, batch)                 # (B, T-1, V)
             if reference.shape[-1] != log_probs.shape[-1]:
                 raise ValueError(f"the baseline has {reference.shape[-1]} logits per position and the model "
                                  f"{log_probs.shape[-1]}: KL divergence needs the same vocabulary")

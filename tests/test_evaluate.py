@@ -481,3 +481,11 @@ def test_baseline_log_probs_too_large_for_the_file_budget_are_not_written(make_m
     prepared = BaselineLogProbs(baseline, plan, path=tmp_path / "base.npy", max_file_bytes=1000)
     assert prepared.path is None and prepared.cached is not None
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_baseline_scored_against_its_stored_log_probs_is_exactly_itself(make_minigpt, tmp_path):
+    # The float16 file is for the other schemes; the baseline's own row must read KL 0, not the storage floor.
+    baseline = make_minigpt()
+    plan = EvalPlan(random_bytes(64 * 3), seq_len=64)
+    result = evaluate(baseline, plan, BaselineLogProbs(baseline, plan, path=tmp_path / "base.npy"))
+    assert result["kld_mean"] == 0.0 and result["ppl_gap"] == 0.0 and result["top1_agreement"] == 1.0
