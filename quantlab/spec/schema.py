@@ -24,9 +24,9 @@ from quantlab.accounting import KEEP_KINDS
 from quantlab.metrics import LAYER_METRICS, is_metric, unknown_metric_hint
 from quantlab.spec import references
 from quantlab.spec.checks import SpecView, parse_expectations
-from quantlab.spec.located import (Ctx, Located, SpecError, check_keys, dataclass_from, field_types, get_value,  # noqa: F401
-                                   locate, plain, read_yaml)
-from quantlab.spec.schemes import SCHEME_METHODS, SchemeConfig, parse_schemes, preset_fields  # noqa: F401
+from quantlab.spec.located import (Ctx, Located, SpecError, check_keys, dataclass_from, get_value, locate, plain,
+                                   read_yaml)
+from quantlab.spec.schemes import parse_schemes
 
 DEFAULT_KEEP = list(KEEP_KINDS)
 PLOTS = ("pareto", "accuracy", "calibration_size", "per_layer", "roofline")
