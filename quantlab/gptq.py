@@ -30,7 +30,9 @@ moment the solver reaches its first column, i.e. the weights that minimise the l
 already rounded: w_S + G_S R_SS^-1 for the group's columns S (the paper's code computes the same). With
 ``static_groups`` they come from the original weights. ``act_order`` rounds columns in order of
 descending diag(H); with dynamic groups the groups are then runs of that order, and ``g_idx`` maps each
-input column to its group so ``QTensor.dequantize()`` is exact.
+input column to its group so ``QTensor.dequantize()`` is exact. Both paths call
+``quant.compute_scales``, so a scheme with ``scale_search='mse'`` searches each group's scale on exactly
+those weights: the solver-updated ones with dynamic groups, the original ones with static groups.
 """
 from __future__ import annotations
 

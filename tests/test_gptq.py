@@ -220,6 +220,52 @@ def test_int4_codes_use_the_restricted_grid_minus_7_to_7():
 
 
 # ----------------------------------------------------------------------------------------------
+# Scale search (scale_search='mse')
+
+mse_schemes = st.builds(Scheme, bits=st.integers(2, 8), group_size=st.sampled_from([None, 4, 8, 16]),
+                        symmetric=st.booleans(), scale_search=st.just("mse"))
+
+
+@given(scheme=mse_schemes, out_features=st.integers(1, 12), in_features=st.integers(1, 40), seed=st.integers(0, 2**16))
+def test_identity_hessian_with_mse_search_gives_mse_rtn_code_for_code(scheme, out_features, in_features, seed):
+    # With H = I no error feeds forward, so every group's solver-seen weights are the original ones.
+    W = torch.randn(out_features, in_features, generator=torch.Generator().manual_seed(seed))
+    result = gptq_quantize(W, torch.eye(in_features), scheme)
+    rtn = quantize_rtn(W, scheme)
+    assert torch.equal(result.qtensor.codes, rtn.codes) and torch.equal(result.qtensor.scales, rtn.scales)
+
+
+def test_mse_search_with_static_groups_takes_its_scales_from_the_original_weights():
+    W = torch.randn(8, 32, generator=torch.Generator().manual_seed(13))
+    scheme = Scheme(4, 8, scale_search="mse")
+    result = gptq_quantize(W, hessian(correlated_inputs(64, 32, seed=13)), scheme, act_order=True, static_groups=True)
+    assert torch.equal(result.qtensor.scales, quantize_rtn(W, scheme).scales)
+    assert not torch.equal(result.qtensor.scales, quantize_rtn(W, Scheme(4, 8)).scales)   # the search moved some
+
+
+def test_mse_search_with_dynamic_groups_searches_the_weights_the_solver_sees():
+    # Group 0 sees the original weights; later groups see weights updated by the rounding errors before
+    # them, so their scales are the search's result on those, not on the original weights.
+    W = torch.randn(8, 32, generator=torch.Generator().manual_seed(14))
+    H = hessian(correlated_inputs(64, 32, seed=14))
+    scheme = Scheme(4, 8, scale_search="mse")
+    result = gptq_quantize(W, H, scheme)
+    assert torch.equal(result.qtensor.scales[:, 0], compute_scales(W[:, :8], scheme)[0][:, 0])
+    assert not torch.equal(result.qtensor.scales[:, 1:], quantize_rtn(W, scheme).scales[:, 1:])
+    assert torch.equal(result.qtensor.codes.long(), paper_gptq_codes(W, H, scheme))
+
+
+@given(scheme=mse_schemes, seed=st.integers(0, 2**16), act_order=st.booleans(), static_groups=st.booleans())
+def test_mse_search_codes_stay_on_the_grid_and_the_loss_is_the_output_error(scheme, seed, act_order, static_groups):
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(8, 32, generator=g) * torch.exp(2 * torch.randn(8, 32, generator=g))   # heavy tails
+    H = hessian(correlated_inputs(64, 32, seed))
+    result = gptq_quantize(W, H, scheme, act_order=act_order, static_groups=static_groups)
+    assert scheme.qmin <= int(result.qtensor.codes.min()) and int(result.qtensor.codes.max()) <= scheme.qmax
+    assert result.loss == pytest.approx(output_loss(W, result.qtensor.dequantize(), H), rel=1e-3, abs=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
 # Contract
 
 

@@ -1,4 +1,5 @@
 """Unit and Hypothesis property tests of the quantizers, grids, packing and byte accounting."""
+import dataclasses
 import math
 
 import numpy as np
@@ -9,8 +10,8 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from quantlab.quant import (
-    PRESETS, FloatScheme, QTensor, Scheme, expected_nbytes, pack, packed_nbytes,
-    quantize_rtn, unpack,
+    MSE_SHRINK_GRID, PRESETS, FloatScheme, QTensor, Scheme, compute_scales, expected_nbytes, fp16_ceil, pack,
+    packed_nbytes, quantize_rtn, unpack,
 )
 
 # Weights whose scales are normal float16 numbers: |w| in [2^-6, 2^6] or exactly 0.
@@ -65,6 +66,7 @@ def test_int4_restricted_grid_is_minus7_to_7_and_full_grid_is_minus8_to_7():
     ({"bits": 4, "granularity": "row"}, "granularity must be one of"),
     ({"bits": 4, "grid": "wide"}, "grid must be"),
     ({"bits": 4, "symmetric": False, "grid": "full"}, "asymmetric always uses"),
+    ({"bits": 4, "scale_search": "l2"}, "scale_search must be 'absmax'"),
 ])
 def test_invalid_schemes_raise_a_value_error_saying_what_to_fix(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -209,6 +211,64 @@ def test_more_bits_never_increase_the_worst_case_error(W, scheme, extra_bits):
     assert (wide_q.scales.float() <= narrow_q.scales.float()).all()
     wide_err = (wide_q.dequantize() - W).abs()
     assert (wide_err <= stored_scale_per_weight(narrow_q) / 2 + W.abs() * 2e-7).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# Scale search (scale_search='mse')
+
+
+def per_group_squared_error(W: torch.Tensor, q: QTensor) -> torch.Tensor:
+    """sum of (W - W_hat)^2 over each group: (rows, n_groups), rows 1 per tensor."""
+    squared = (W - q.dequantize()).square()
+    rows = 1 if q.scheme.granularity == "tensor" else W.shape[0]
+    g = q.group_of_column()
+    index = (g.repeat(W.shape[0]) if rows == 1 else g).expand(rows, -1)
+    return torch.zeros(q.scales.shape).scatter_add_(1, index, squared.reshape(rows, -1))
+
+
+def searched(scheme: Scheme) -> Scheme:
+    return dataclasses.replace(scheme, scale_search="mse")
+
+
+@given(W=weights(), scheme=int_schemes())
+def test_mse_search_never_has_a_larger_group_error_than_absmax(W, scheme):
+    # The grid starts at shrink 1.0, the absmax scale itself, so every group can only gain.
+    absmax, mse = quantize_rtn(W, scheme), quantize_rtn(W, searched(scheme))
+    assert (per_group_squared_error(W, mse) <= per_group_squared_error(W, absmax)).all()
+
+
+@given(W=weights(), scheme=int_schemes())
+def test_mse_search_codes_stay_in_the_grid_and_each_scale_is_a_shrunk_absmax_scale(W, scheme):
+    absmax, mse = quantize_rtn(W, scheme), quantize_rtn(W, searched(scheme))
+    assert mse.codes.min() >= scheme.qmin and mse.codes.max() <= scheme.qmax
+    assert (mse.scales.float() <= absmax.scales.float()).all()
+    # Shrinking the range by s is scaling W by s: the absmax scales of W * s are the candidates.
+    candidates = torch.stack([compute_scales(W * shrink, scheme)[0] for shrink in MSE_SHRINK_GRID])
+    assert (candidates == mse.scales).any(dim=0).all()
+
+
+def test_mse_search_shrinks_the_scale_of_a_group_with_one_outlier():
+    # 63 weights in [-1, 1] and one at 8: the absmax INT4 scale 8/7 rounds nearly all of them to 0 or +-1;
+    # a shrunk scale trades a clipped outlier for a finer grid for the rest.
+    W = torch.linspace(-1, 1, 64).reshape(1, 64).clone()
+    W[0, 10] = 8.0
+    scheme = Scheme(4, group_size=64)
+    absmax, mse = quantize_rtn(W, scheme), quantize_rtn(W, searched(scheme))
+    assert float(mse.scales[0, 0]) < float(absmax.scales[0, 0])
+    assert float(per_group_squared_error(W, mse)) < float(per_group_squared_error(W, absmax))
+
+
+def test_mse_grid_runs_from_absmax_down_to_half_in_21_steps():
+    assert MSE_SHRINK_GRID[0] == 1.0 and MSE_SHRINK_GRID[-1] == pytest.approx(0.5) and len(MSE_SHRINK_GRID) == 21
+    assert all(a > b for a, b in zip(MSE_SHRINK_GRID, MSE_SHRINK_GRID[1:]))
+
+
+def test_absmax_is_the_default_and_its_scales_are_absmax_over_qmax():
+    W = torch.randn(8, 32, generator=torch.Generator().manual_seed(3))
+    q = quantize_rtn(W, Scheme(4, group_size=16))
+    absmax = W.abs().reshape(8, 2, 16).amax(dim=2)
+    assert Scheme(4).scale_search == "absmax"
+    assert torch.equal(q.scales, fp16_ceil(absmax / 7))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -46,6 +46,7 @@ class SchemeConfig:
     granularity: Optional[str] = None
     symmetric: bool = True
     grid: str = "restricted"
+    scale_search: str = "absmax"       # "mse": each group's scale searched for the smallest squared error
     act_order: bool = False
     static_groups: bool = False
     damp: float = 0.01
@@ -73,6 +74,9 @@ class SchemeConfig:
             raise ValueError(f"scheme {self.name!r}: method must be rtn or gptq, got {self.method!r}")
         if self.method == "float" and self.dtype is None:
             raise ValueError(f"scheme {self.name!r}: method float needs dtype")
+        if self.dtype is not None and self.scale_search != "absmax":
+            raise ValueError(f"scheme {self.name!r}: scale_search applies to integer grids (bits: ...), not to dtype "
+                             f"{self.dtype}; drop scale_search or give bits instead of dtype")
         if self.method != "gptq" and (self.act_order or self.static_groups):
             raise ValueError(f"scheme {self.name!r}: act_order/static_groups only apply to method: gptq")
         if not 0 < self.damp < 1:
@@ -89,7 +93,7 @@ class SchemeConfig:
         if self.dtype is not None:
             return FloatScheme(self.dtype)
         return Scheme(self.bits, group_size=self.group_size, granularity=self.granularity,
-                      symmetric=self.symmetric, grid=self.grid)
+                      symmetric=self.symmetric, grid=self.grid, scale_search=self.scale_search)
 
     @property
     def needs_calibration(self) -> bool:
@@ -107,6 +111,8 @@ class SchemeConfig:
         if self.dtype is None:
             d.update(bits=self.bits, group_size=self.group_size, granularity=self.quant_scheme().granularity,
                      symmetric=self.symmetric, grid=self.grid)
+            if self.scale_search != "absmax":   # absmax schemes keep the description (and cache key) they had
+                d["scale_search"] = self.scale_search
         if self.method == "gptq":
             d.update(act_order=self.act_order, static_groups=self.static_groups, damp=self.damp, block_size=self.block_size)
         return d
