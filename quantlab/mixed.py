@@ -1,0 +1,172 @@
+"""Mixed precision under a byte budget: one candidate scheme per layer, least total estimated loss.
+
+The problem is a multiple-choice knapsack: layer i takes exactly one candidate j, costing c_ij bytes
+and an estimated loss l_ij (a measured sensitivity, e.g. the output error or KL increase when only that
+layer is quantized with candidate j); minimise sum l_ij subject to sum c_ij <= budget. The losses are
+assumed additive across layers, the usual first-order assumption (HAWQ, GPTQModel's dynamic configs).
+
+Solver: an exact dynamic programme over layers on a byte grid. Costs are first taken relative to each
+layer's cheapest candidate (the all-cheapest assignment is the origin, so the grid only spans the
+budget's slack above it), then expressed in units of the grid step: the greatest common divisor of all
+those extra costs when that gives at most ``max_cells`` cells, in which case the solution is exactly
+optimal; otherwise the smallest multiple of it that fits, with every extra cost rounded *up*, so the
+budget is never exceeded and the result is optimal for the rounded costs (within a
+n_layers x step bytes of slack of the true optimum). A Lagrangian sweep would be faster but only finds
+assignments on the convex hull of the (bytes, loss) trade-off, and can miss the best one under a given
+budget by a whole layer's upgrade; with a few hundred layers and three candidates the DP takes well
+under a second, so exactness is affordable.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from functools import reduce
+from typing import Optional, Sequence, Union
+
+import numpy as np
+
+MAX_CELLS = 1 << 17
+_UNITS = {"bytes": 1, "B": 1, "kB": 10 ** 3, "MB": 10 ** 6, "GB": 10 ** 9}
+_BUDGET = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*(bits_per_weight|bytes|B|kB|MB|GB)?\s*$")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A byte budget for the quantized Linear weights: either bits per weight (8 x bytes / parameters, the
+    ``bits_per_weight`` of results) or a number of bytes. Exactly one is set."""
+
+    bits_per_weight: Optional[float] = None
+    nbytes: Optional[int] = None
+
+    def __post_init__(self):
+        if (self.bits_per_weight is None) == (self.nbytes is None):
+            raise ValueError("a budget is either bits_per_weight or bytes, exactly one of them")
+        value = self.bits_per_weight if self.nbytes is None else self.nbytes
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+            raise ValueError(f"a budget must be a positive number, got {value!r}")
+
+    def bytes_for(self, n_params: int) -> int:
+        """The budget in bytes for ``n_params`` Linear weights (rounded down: never above the budget)."""
+        if self.nbytes is not None:
+            return int(self.nbytes)
+        return math.floor(self.bits_per_weight * n_params / 8)
+
+    def describe(self) -> str:
+        return f"{self.bits_per_weight:g} bits_per_weight" if self.nbytes is None else f"{self.nbytes} bytes"
+
+
+def parse_budget(value: Union[str, int, float]) -> Budget:
+    """``"4.25 bits_per_weight"``, ``"12 MB"`` (SI units: kB, MB, GB), ``"1000 bytes"`` or a number of bytes."""
+    if isinstance(value, bool):
+        raise ValueError(f"budget must be like '4.25 bits_per_weight' or '12 MB', got {value!r}")
+    if isinstance(value, (int, float)):
+        if not float(value).is_integer():
+            raise ValueError(f"a budget in bytes must be a whole number, got {value!r}; for bits per weight "
+                             f"write '{value} bits_per_weight'")
+        return Budget(nbytes=int(value))
+    match = _BUDGET.match(str(value))
+    if not match:
+        raise ValueError(f"budget must be like '4.25 bits_per_weight', '12 MB' or '1000000 bytes', got {value!r}")
+    number, unit = float(match.group(1)), match.group(2) or "bytes"
+    if unit == "bits_per_weight":
+        return Budget(bits_per_weight=number)
+    return Budget(nbytes=int(number * _UNITS[unit]))
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """The solver's answer: ``choice[i]`` is the candidate index of layer i."""
+
+    choice: tuple
+    loss: float       # sum of the chosen estimated losses
+    nbytes: int       # sum of the chosen costs (true bytes, not grid cells)
+    budget: int
+    exact: bool       # the grid step divided every extra cost: the optimum, not a rounded-cost optimum
+
+
+class InfeasibleBudget(ValueError):
+    """Even the cheapest candidate of every layer exceeds the budget."""
+
+
+def solve(costs: Sequence[Sequence[int]], losses: Sequence[Sequence[float]], budget: int, *,
+          max_cells: int = MAX_CELLS) -> Assignment:
+    """Choose one candidate per layer (row) minimising total loss with total cost <= budget.
+    ``costs`` are non-negative integers (bytes); ``losses`` finite floats of the same shape."""
+    c, l = _validate(costs, losses, budget, max_cells)
+    cheapest = c.min(axis=1)
+    base = int(cheapest.sum())
+    if base > budget:
+        raise InfeasibleBudget(f"the budget is {budget} bytes but the cheapest candidate of every layer together "
+                               f"needs {base} bytes; raise the budget or add a cheaper candidate")
+    extra = c - cheapest[:, None]
+    slack = budget - base
+    nonzero = [int(e) for e in extra.flat if e > 0]
+    step = reduce(math.gcd, nonzero, 0) or 1
+    exact = slack // step <= max_cells
+    if not exact:
+        step *= math.ceil((slack // step) / max_cells)
+    cells = -(-extra // step)                      # ceil: a rounded cost never understates bytes
+    width = slack // step
+    n_layers = c.shape[0]
+    # best[k]: the least loss of the layers so far using at most k cells of slack.
+    best = np.zeros(width + 1)
+    picks = np.empty((n_layers, width + 1), dtype=np.int16)
+    for i in range(n_layers):
+        new = np.full(width + 1, np.inf)
+        for j in range(c.shape[1]):
+            w = int(cells[i, j])
+            if w > width:
+                continue
+            candidate = np.full(width + 1, np.inf)
+            candidate[w:] = best[:width + 1 - w] + l[i, j]
+            better = candidate < new
+            new[better] = candidate[better]
+            picks[i, better] = j
+        best = new
+    # Walk back from the full slack.
+    k, choice = width, []
+    for i in reversed(range(n_layers)):
+        j = int(picks[i, k])
+        choice.append(j)
+        k -= int(cells[i, j])
+    choice.reverse()
+    total_bytes = int(sum(c[i, j] for i, j in enumerate(choice)))
+    total_loss = float(sum(l[i, j] for i, j in enumerate(choice)))
+    return Assignment(tuple(choice), total_loss, total_bytes, int(budget), bool(exact))
+
+
+def assign(layers: dict, budget: int, *, max_cells: int = MAX_CELLS) -> tuple:
+    """Names in, names out: ``layers`` is {layer: {candidate: (bytes, loss)}}, every layer with the same
+    candidates. Returns ({layer: candidate}, Assignment)."""
+    if not layers:
+        raise ValueError("no layers to assign")
+    names = list(layers)
+    candidates = list(layers[names[0]])
+    for name in names:
+        if list(layers[name]) != candidates:
+            raise ValueError(f"layer {name!r} has candidates {list(layers[name])}, expected {candidates}")
+    costs = [[layers[n][k][0] for k in candidates] for n in names]
+    losses = [[layers[n][k][1] for k in candidates] for n in names]
+    result = solve(costs, losses, budget, max_cells=max_cells)
+    return {n: candidates[j] for n, j in zip(names, result.choice)}, result
+
+
+def _validate(costs, losses, budget, max_cells):
+    c = np.asarray(costs, dtype=np.int64) if len(costs) else np.zeros((0, 0), dtype=np.int64)
+    l = np.asarray(losses, dtype=np.float64) if len(losses) else np.zeros((0, 0))
+    if c.ndim != 2 or c.shape[0] == 0 or c.shape[1] == 0:
+        raise ValueError("costs must be a non-empty (layers x candidates) table of byte counts")
+    if l.shape != c.shape:
+        raise ValueError(f"losses must have the shape of costs {c.shape}, got {l.shape}")
+    if c.shape[1] > np.iinfo(np.int16).max:
+        raise ValueError("at most 32767 candidates per layer")
+    if (c < 0).any():
+        raise ValueError("costs must be non-negative byte counts")
+    if not np.isfinite(l).all():
+        raise ValueError("losses must be finite (a NaN sensitivity cannot be ranked: measure it again)")
+    if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)) or budget < 0:
+        raise ValueError(f"budget must be a non-negative integer number of bytes, got {budget!r}")
+    if not isinstance(max_cells, int) or max_cells < 1:
+        raise ValueError(f"max_cells must be a positive integer, got {max_cells!r}")
+    return c, l

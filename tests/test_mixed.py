@@ -1,0 +1,107 @@
+"""The mixed-precision knapsack: it matches brute force, never exceeds the budget, refuses an infeasible
+one, and budgets parse as bits per weight or bytes."""
+import itertools
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from quantlab.mixed import Budget, InfeasibleBudget, assign, parse_budget, solve
+
+
+@st.composite
+def instances(draw):
+    n_layers = draw(st.integers(1, 5))
+    n_candidates = draw(st.integers(1, 3))
+    costs = [[draw(st.integers(0, 40)) for _ in range(n_candidates)] for _ in range(n_layers)]
+    losses = [[draw(st.floats(-5, 100, allow_nan=False)) for _ in range(n_candidates)] for _ in range(n_layers)]
+    budget = draw(st.integers(0, 40 * n_layers))
+    return costs, losses, budget
+
+
+def brute_force(costs, losses, budget):
+    best = None
+    for choice in itertools.product(*(range(len(row)) for row in costs)):
+        if sum(costs[i][j] for i, j in enumerate(choice)) <= budget:
+            loss = sum(losses[i][j] for i, j in enumerate(choice))
+            best = loss if best is None else min(best, loss)
+    return best
+
+
+@settings(max_examples=300, deadline=None)
+@given(instances())
+def test_matches_brute_force(instance):
+    costs, losses, budget = instance
+    expected = brute_force(costs, losses, budget)
+    if expected is None:
+        with pytest.raises(InfeasibleBudget, match="cheapest candidate"):
+            solve(costs, losses, budget)
+        return
+    result = solve(costs, losses, budget)
+    assert result.exact
+    assert result.nbytes <= budget
+    assert result.loss == pytest.approx(expected, abs=1e-9)
+    assert result.nbytes == sum(costs[i][j] for i, j in enumerate(result.choice))
+
+
+@settings(max_examples=200, deadline=None)
+@given(instances(), st.integers(1, 8))
+def test_a_coarse_grid_never_exceeds_the_budget(instance, max_cells):
+    """With too few cells the costs are rounded up: the answer may lose optimality, never feasibility."""
+    costs, losses, budget = instance
+    expected = brute_force(costs, losses, budget)
+    if expected is None:
+        return
+    result = solve(costs, losses, budget, max_cells=max_cells)
+    assert result.nbytes <= budget
+    assert result.loss >= expected - 1e-9
+
+
+def test_coarse_grid_on_large_costs_is_flagged_inexact():
+    costs = [[3_000_001, 4_000_003, 8_000_000]] * 10
+    losses = [[9.0, 4.0, 1.0]] * 10
+    result = solve(costs, losses, 45_000_000)      # gcd 1 of the extra costs: 15M one-byte cells is too many
+    assert not result.exact and result.nbytes <= 45_000_000
+    assert result.loss == 37.0                       # all int4, one int8: still the optimum here
+    round_costs = [[3_000_000, 4_000_000, 8_000_000]] * 10
+    assert solve(round_costs, losses, 45_000_000).exact   # gcd 1e6: 15 cells
+
+
+def test_assign_by_name_prefers_the_sensitive_layer():
+    layers = {"a": {"int3": (3, 10.0), "int4": (4, 1.0)},
+              "b": {"int3": (3, 0.5), "int4": (4, 0.4)}}
+    chosen, result = assign(layers, 7)
+    assert chosen == {"a": "int4", "b": "int3"} and result.nbytes == 7
+    with pytest.raises(InfeasibleBudget, match="needs 6 bytes"):
+        assign(layers, 5)
+
+
+@pytest.mark.parametrize("text, budget", [
+    ("4.5 bits_per_weight", Budget(bits_per_weight=4.5)),
+    ("4.25bits_per_weight", Budget(bits_per_weight=4.25)),
+    ("12 MB", Budget(nbytes=12_000_000)),
+    ("1.5 kB", Budget(nbytes=1500)),
+    ("1000 bytes", Budget(nbytes=1000)),
+    (2048, Budget(nbytes=2048)),
+])
+def test_budgets_parse(text, budget):
+    assert parse_budget(text) == budget
+
+
+def test_bits_per_weight_budget_rounds_down():
+    assert Budget(bits_per_weight=4.25).bytes_for(1001) == 531   # 531.78 bytes: never above the budget
+
+
+@pytest.mark.parametrize("bad", ["4.5 bits", "lots", 1.5, True, "-3 MB", "0 bytes"])
+def test_bad_budgets_say_how_to_write_one(bad):
+    with pytest.raises(ValueError, match="budget"):
+        parse_budget(bad)
+
+
+def test_bad_tables_are_refused():
+    with pytest.raises(ValueError, match="shape"):
+        solve([[1, 2]], [[1.0]], 3)
+    with pytest.raises(ValueError, match="finite"):
+        solve([[1, 2]], [[1.0, float("nan")]], 3)
+    with pytest.raises(ValueError, match="non-empty"):
+        solve([], [], 3)
