@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Optional, Union
@@ -89,6 +90,7 @@ class InputStatistics:
     def __init__(self, in_features: int):
         self.hessian = torch.zeros(in_features, in_features)   # (in, in)
         self.channel_absmax = torch.zeros(in_features)          # (in,)
+        self.channel_absmean = torch.zeros(in_features)         # (in,) running mean of |x|: AWQ's activation scale
         self.n_tokens = 0
         self._summary = None                                     # computed once, for every Linear of a group
 
@@ -98,7 +100,9 @@ class InputStatistics:
         if total == 0:
             return
         self.hessian = torch.addmm(self.hessian, x.t(), x, beta=self.n_tokens / total, alpha=1 / total)
-        self.channel_absmax = torch.maximum(self.channel_absmax, x.abs().amax(dim=0))
+        magnitude = x.abs()
+        self.channel_absmax = torch.maximum(self.channel_absmax, magnitude.amax(dim=0))
+        self.channel_absmean = self.channel_absmean * (self.n_tokens / total) + magnitude.sum(dim=0) / total
         self.n_tokens = total
         self._summary = None
 
@@ -257,6 +261,87 @@ def _next_block_inputs(model: LanguageModel, block_index: int, batches: list) ->
     return [(model.run_block(block_index, *batch), batch[1]) for batch in batches]
 
 
+class _Aborted(BaseException):
+    """Raised inside a paused run that will not be resumed; a BaseException, so model code that catches
+    Exception does not swallow it."""
+
+
+class _PausedRun:
+    """One batch's run of one block on a thread of its own, which stops wherever ``pause_at`` is called
+    (from a forward pre-hook) until the main thread lets it go on.
+
+    Exactly one thread works at any time: the main thread waits while a run goes on, and a run waits
+    while it is paused, so the runs are coroutines and the results do not depend on thread timing.
+    Grad mode is per thread in torch, so each run sets its own ``no_grad``.
+    """
+
+    NOT_STARTED, DONE = -1, math.inf
+    _local = threading.local()   # which run, if any, the current thread is
+
+    def __init__(self, model: LanguageModel, block_index: int, batch: Batch):
+        self.position = self.NOT_STARTED   # the group index it is paused at; DONE when it has finished
+        self.inputs: dict = {}               # group index -> the input tensor it stopped at
+        self.output: Optional[torch.Tensor] = None
+        self._error: Optional[BaseException] = None
+        self._aborted = False
+        self._go, self._stopped = threading.Semaphore(0), threading.Semaphore(0)
+        self._thread = threading.Thread(target=self._run, args=(model, block_index, batch), daemon=True,
+                                        name=f"quantlab-block-{block_index}")
+
+    @classmethod
+    def current(cls) -> Optional["_PausedRun"]:
+        return getattr(cls._local, "run", None)
+
+    def _run(self, model: LanguageModel, block_index: int, batch: Batch) -> None:
+        self._local.run = self
+        try:
+            with torch.no_grad():
+                self.output = model.run_block(block_index, *batch)
+        except _Aborted:
+            pass
+        except BaseException as error:   # re-raised on the main thread by advance()
+            self._error = error
+        finally:
+            self.position = self.DONE
+            self._stopped.release()
+
+    def pause_at(self, group_index: int) -> None:
+        """On the run's own thread: stop here until ``advance`` is called."""
+        self.position = group_index
+        self._stopped.release()
+        self._go.acquire()
+        if self._aborted:
+            raise _Aborted
+
+    def advance(self) -> None:
+        """On the main thread: let the run go on to its next pause, or to its end."""
+        if self.position == self.DONE:
+            return
+        if self.position == self.NOT_STARTED:
+            self._thread.start()
+        else:
+            self._go.release()
+        self._stopped.acquire()
+        if self._error is not None:
+            raise self._error
+
+    def advance_to(self, group_index: int) -> None:
+        """Advance until the run is paused at ``group_index`` or a later group, or has finished."""
+        while self.position < group_index:
+            self.advance()
+
+    def finish(self) -> torch.Tensor:
+        self.advance_to(self.DONE)
+        return self.output
+
+    def abort(self) -> None:
+        """End a paused run without finishing it (after an error or Ctrl-C on the main thread)."""
+        if self.position not in (self.NOT_STARTED, self.DONE):
+            self._aborted = True
+            self._go.release()
+            self._thread.join()
+
+
 # ----------------------------------------------------------------------------------------------
 # The pipeline
 
@@ -356,17 +441,96 @@ def _quantize_blocks(quantized: QuantizedModel, calibration, heldout, solver: di
                   unit="block", disable=not progress)
     for b in blocks:
         groups = _input_groups(model, b, calibration_batches)
-        for group in groups:
-            inputs = _collect_inputs(model, b, group, calibration_batches)
-            heldout_inputs = _collect_inputs(model, b, group, heldout_batches) if heldout_batches else None
+        # Without calibration, every Linear; with it, any the block never called: RTN, and say so.
+        # First, so that held-out batches that do reach such a Linear see its final weights.
+        grouped = {name for group in groups for name in group.names}
+        for name in model.linear_names(b):
+            if name not in grouped:
+                _quantize_layer(quantized, name, None, None, solver, calibrated=bool(calibration_batches))
+        if all(group.called_once for group in groups):
+            step = _quantize_block_in_one_pass
+        else:
+            step = _quantize_block_by_reruns
+        calibration_batches, heldout_batches = step(quantized, b, groups, calibration_batches, heldout_batches,
+                                                    solver)
+
+
+def _quantize_block_in_one_pass(quantized: QuantizedModel, block_index: int, groups: list,
+                                calibration_batches: list, heldout_batches: list, solver: dict) -> tuple:
+    """Quantize one block's groups in order while every batch runs through the block once.
+
+    Each batch runs on its own thread (a _PausedRun) and stops at the first Linear of each group.
+    Once every batch has stopped at group g, their inputs there are what group g reads with the groups
+    before it already quantized: its Hessian. Group g is quantized, the batches go on to group g + 1,
+    and so on; the batches' final outputs are the next block's inputs. So every Linear runs once per
+    batch, with its final weights, and the block is generic: only forward pre-hooks, no knowledge of
+    what happens between groups. The inputs and Hessians are those of ``_quantize_block_by_reruns``,
+    accumulated in the same batch order, so the codes are the same (tests/test_calibrate.py).
+    The price is memory: every batch's paused activations are alive at once (about what the group's
+    inputs for the whole calibration set take).
+    """
+    model = quantized.model
+    group_of = {model.module.get_submodule(name): g for g, group in enumerate(groups) for name in group.names}
+    runs = [_PausedRun(model, block_index, batch) for batch in calibration_batches + heldout_batches]
+    calibration_runs, heldout_runs = runs[:len(calibration_batches)], runs[len(calibration_batches):]
+    phase = 0   # the group being collected and quantized
+
+    def stop_at_group(module, args):
+        run = _PausedRun.current()
+        g = group_of[module]
+        # Another Linear of a group this batch already stopped at reads the same tensor: go on. A group
+        # before the current phase (a batch that reaches groups in another order) is already quantized.
+        if run is None or g in run.inputs or g < phase:
+            return
+        run.inputs[g] = args[0]
+        run.pause_at(g)
+
+    handles = [module.register_forward_pre_hook(stop_at_group) for module in group_of]
+    try:
+        for phase, group in enumerate(groups):
+            for run in runs:
+                run.advance_to(phase)
+            width = model.module.get_submodule(group.names[0]).in_features
+            inputs = _input_statistics(calibration_runs, phase, width)
+            heldout_inputs = _input_statistics(heldout_runs, phase, width) if heldout_runs else None
             for name in group.names:
                 _quantize_layer(quantized, name, inputs, heldout_inputs, solver, calibrated=True)
-        # Without calibration, every Linear; with it, any the block never called: RTN, and say so.
-        for name in model.linear_names(b):
-            if name not in quantized.qtensors:
-                _quantize_layer(quantized, name, None, None, solver, calibrated=bool(calibration_batches))
-        calibration_batches = _next_block_inputs(model, b, calibration_batches)
-        heldout_batches = _next_block_inputs(model, b, heldout_batches)
+        outputs = [run.finish() for run in runs]
+    finally:
+        for handle in handles:
+            handle.remove()
+        for run in runs:
+            run.abort()
+    next_calibration = [(out, batch[1]) for out, batch in zip(outputs, calibration_batches)]
+    next_heldout = [(out, batch[1]) for out, batch in zip(outputs[len(calibration_batches):], heldout_batches)]
+    return next_calibration, next_heldout
+
+
+def _input_statistics(runs: list, group_index: int, width: int) -> InputStatistics:
+    """What the runs that stopped at a group read there, added in batch order; the inputs are then let go."""
+    stats = InputStatistics(width)
+    for run in runs:
+        if group_index in run.inputs:
+            stats.add(run.inputs.pop(group_index))
+    return stats
+
+
+def _quantize_block_by_reruns(quantized: QuantizedModel, block_index: int, groups: list,
+                              calibration_batches: list, heldout_batches: list, solver: dict) -> tuple:
+    """Quantize one block's groups in order, rerunning the block up to each group's input.
+
+    For blocks with a Linear called more than once per run (shared weights): its Hessian needs every
+    call's inputs before it is quantized, so the block cannot stop there and go on. Costs about one
+    block pass per group, plus one to propagate.
+    """
+    model = quantized.model
+    for group in groups:
+        inputs = _collect_inputs(model, block_index, group, calibration_batches)
+        heldout_inputs = _collect_inputs(model, block_index, group, heldout_batches) if heldout_batches else None
+        for name in group.names:
+            _quantize_layer(quantized, name, inputs, heldout_inputs, solver, calibrated=True)
+    return (_next_block_inputs(model, block_index, calibration_batches),
+            _next_block_inputs(model, block_index, heldout_batches))
 
 
 def _quantize_layer(quantized: QuantizedModel, name: str, inputs: Optional[InputStatistics],

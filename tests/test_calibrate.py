@@ -7,6 +7,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from quantlab import calibrate
 from quantlab.calibrate import InputStatistics, _input_groups, quantize_model
 from quantlab.gptq import gptq_quantize, relative_loss
 from quantlab.models.base import LanguageModel
@@ -241,6 +242,85 @@ def test_running_mean_hessian_equals_the_batch_formula():
     assert torch.allclose(stats.hessian, X.T @ X / 100, rtol=1e-5, atol=1e-6)
     assert stats.n_tokens == 100
     assert torch.equal(stats.channel_absmax, X.abs().amax(dim=0))
+
+
+def quantize_by_reruns(monkeypatch, *args, **kwargs):
+    """quantize_model with every block quantized the way the pipeline did before the one-pass runs:
+    the block rerun up to each group's input, then once more to propagate."""
+    with monkeypatch.context() as patch:
+        patch.setattr(calibrate, "_quantize_block_in_one_pass", calibrate._quantize_block_by_reruns)
+        return quantize_model(*args, **kwargs)
+
+
+def same_quantization(a, b) -> None:
+    assert a.qtensors.keys() == b.qtensors.keys()
+    for name in a.qtensors:
+        assert torch.equal(a.qtensors[name].codes, b.qtensors[name].codes), name
+        assert torch.equal(a.qtensors[name].scales, b.qtensors[name].scales), name
+        without_seconds = [{k: v for k, v in result.layers[name].items() if k != "seconds"} for result in (a, b)]
+        assert without_seconds[0] == without_seconds[1], name
+    assert a.health == b.health
+
+
+@pytest.mark.parametrize("options", [{}, {"act_order": True, "static_groups": True}])
+def test_one_pass_gives_the_codes_and_statistics_of_rerunning_the_block_per_group(monkeypatch, minigpt, options):
+    args = (minigpt, INT4_G16, random_tokens(8))
+    kwargs = dict(method="gptq", heldout=random_tokens(4, seed=1), batch_size=3, **options)
+    same_quantization(quantize_model(*args, **kwargs), quantize_by_reruns(monkeypatch, *args, **kwargs))
+
+
+def test_one_pass_gives_the_codes_of_rerunning_the_block_on_a_llama(monkeypatch, tiny_llama_dir):
+    from quantlab.models import load_model
+
+    model = load_model(f"hf:{tiny_llama_dir}")
+    tokens = torch.randint(0, model.vocab_size, (6, 16), generator=torch.Generator().manual_seed(0))
+    kwargs = dict(method="gptq", batch_size=2, heldout=tokens[:2])
+    same_quantization(quantize_model(model, INT4_G16, tokens, **kwargs),
+                      quantize_by_reruns(monkeypatch, model, INT4_G16, tokens, **kwargs))
+
+
+def count_linear_calls(model: LanguageModel) -> tuple:
+    """(calls per Linear name, a function that removes the counting hooks), counted on every copy of
+    ``model``: deepcopy copies the hooks."""
+    calls: dict = {}
+    handles = []
+    for name, module in model.module.named_modules():
+        if isinstance(module, nn.Linear):
+            def count(module, args, name=name):
+                calls[name] = calls.get(name, 0) + 1
+            handles.append(module.register_forward_pre_hook(count))
+    return calls, lambda: [handle.remove() for handle in handles]
+
+
+def test_every_linear_runs_once_per_calibration_batch(make_minigpt):
+    model = make_minigpt(n_layer=3)
+    calls, remove = count_linear_calls(model)
+    try:
+        quantize_model(model, INT4_G16, random_tokens(8), method="gptq", batch_size=2)
+    finally:
+        remove()
+    # Four batches through each block once, plus the look at batch 0 that finds the block's groups.
+    # Finding block 0's inputs runs block 0 on each batch and no block after it; the head never runs.
+    expected = {name: 4 + 1 + 4 * name.startswith("blocks.0.") for name in model.all_linear_names()}
+    assert calls == expected
+
+
+def test_an_error_inside_a_paused_block_run_reaches_the_caller_and_leaves_no_run_behind(make_minigpt):
+    import threading
+
+    model = make_minigpt()
+
+    def fail(module, args):
+        if calibrate._PausedRun.current() is not None:
+            raise ValueError("broken block")
+
+    handle = model.module.get_submodule("blocks.1.mlp.c_proj").register_forward_pre_hook(fail)
+    try:
+        with pytest.raises(ValueError, match="broken block"):
+            quantize_model(model, INT4_G16, random_tokens(4), method="gptq", batch_size=2)
+    finally:
+        handle.remove()
+    assert not [t for t in threading.enumerate() if t.name.startswith("quantlab-block")]
 
 
 # ----------------------------------------------------------------------------------------------
