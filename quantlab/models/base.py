@@ -92,48 +92,33 @@ class LanguageModel:
         alternate sliding-window and global layers give each kind its own mask (and Gemma 3 its own
         rotary embeddings).
 
-        Only the embeddings and block 0 run: blocks 1 and on are replaced for the pass by stand-ins
-        that record their arguments and hand their input on in the container block 0 returned (a
-        tensor, or a tuple whose first item is the hidden state). Models compute these arguments from
-        the tokens before their block loop, so the stand-ins see what the real blocks would, and the
-        pass costs 1 / len(blocks) of a forward pass instead of all of it. The pass stops as the last
-        block is entered."""
-        hidden, by_block, block_zero_output = [], [None] * len(self.blocks), []
-
-        def record(block_index: int, args, kwargs) -> torch.Tensor:
-            received = args[0] if args else kwargs["hidden_states"]
-            if block_index == 0:
-                hidden.append(received)
-            by_block[block_index] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-            if block_index == len(self.blocks) - 1:
-                raise _StopForward
-            return received
+        No block runs: for the pass each is replaced by a stand-in that records its arguments and hands
+        its input on. Models compute these arguments from the tokens before their block loop, not from
+        block outputs, so the stand-ins see what the real blocks would, and the pass costs the
+        embeddings alone. What flows between stand-ins is never used (a model that takes item 0 of a
+        block's output gets a slice of it): the pass stops as the last block is entered."""
+        hidden, by_block = [], [None] * len(self.blocks)
 
         def stand_in(block_index: int):
             def forward(*args, **kwargs):
-                received = record(block_index, args, kwargs)
-                out = block_zero_output[0]
-                return (received, *out[1:]) if isinstance(out, tuple) else received
+                received = args[0] if args else kwargs["hidden_states"]
+                if block_index == 0:
+                    hidden.append(received)
+                by_block[block_index] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+                if block_index == len(self.blocks) - 1:
+                    raise _StopForward
+                return received
             return forward
 
-        def record_block_zero(module, args, kwargs) -> None:
-            record(0, args, kwargs)
-
-        handles = [self.blocks[0].register_forward_pre_hook(record_block_zero, with_kwargs=True),
-                   self.blocks[0].register_forward_hook(lambda m, args, out: block_zero_output.append(out))]
         for i, block in enumerate(self.blocks):
-            if i > 0:
-                block.forward = stand_in(i)   # an instance attribute: shadows the class's forward
+            block.forward = stand_in(i)   # an instance attribute: shadows the class's forward
         try:
             self.logits(tokens)
         except _StopForward:
             pass
         finally:
-            for handle in handles:
-                handle.remove()
-            for i, block in enumerate(self.blocks):
-                if i > 0:
-                    del block.forward
+            for block in self.blocks:
+                del block.forward
         return hidden[0], BlockKwargs(tuple(by_block))
 
     def run_block(self, block_index: int, hidden: torch.Tensor, kwargs) -> torch.Tensor:
