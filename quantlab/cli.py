@@ -40,11 +40,25 @@ def cmd_run(args) -> int:
 
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     status = 0
+    fanned = None
+    if args.ray is not None:
+        try:
+            fanned = _fan_out_on_ray(args)
+        except (ModuleNotFoundError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     for path in _spec_paths(args.specs):
         try:
             spec = load_spec(path)
         except SpecError as e:
             print(f"error {e}", file=sys.stderr)
+            status = 1
+            continue
+        if fanned is not None and fanned.errors_for(spec):
+            from quantlab.distributed import failure_message
+
+            # Running it here would compute the failed schemes on this machine: report them instead.
+            print(f"\n== {spec.name}: not run\nerror {failure_message(spec, fanned.errors_for(spec))}", file=sys.stderr)
             status = 1
             continue
         out = Path(args.out) / spec.name
@@ -67,6 +81,30 @@ def cmd_run(args) -> int:
         # The run wrote report.html before the assertions were judged: write it again with their outcomes.
         rewrite_report_page(out, entries, memory_budget_bytes=spec.report.memory_budget_bytes)
     return status
+
+
+def _fan_out_on_ray(args):
+    """Compute the uncached schemes of every valid spec as Ray tasks into the cache (quantlab.distributed);
+    the runs that follow read them from it. Malformed specs are left to the run loop to report."""
+    from quantlab.distributed import fan_out
+    from quantlab.spec import SpecError, load_spec
+
+    if args.no_cache:
+        raise ValueError("--ray needs the results cache (workers leave their results there): drop --no-cache")
+    if args.ray != "local" and Path(args.ray).exists():
+        raise ValueError(f"--ray took {args.ray} as the cluster's address; put the spec paths before --ray, "
+                         "or write --ray=ADDRESS")
+    specs = []
+    for path in _spec_paths(args.specs):
+        try:
+            specs.append(load_spec(path))
+        except SpecError:
+            pass
+    fanned = fan_out(specs, args.ray, progress=not args.quiet)
+    done = sum(f.computed for f in fanned.finished)
+    print(f"ray: {len(fanned.units)} task(s) in {fanned.seconds:.1f} s, {done} result(s) stored, "
+          f"{len(fanned.failures)} failed", file=sys.stderr)
+    return fanned
 
 
 def verdict(passed: bool, xfail) -> tuple[str, bool]:
@@ -164,6 +202,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=".quantlab/out", help="output folder (default: .quantlab/out)")
     p.add_argument("--no-cache", action="store_true", help="recompute instead of reusing cached results")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or log lines")
+    p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help="compute the uncached schemes and sweep points as tasks on a Ray cluster (ADDRESS, e.g. "
+                        "auto or ray://head:10001; none: a local one) into the shared results cache, then run "
+                        "from it; needs quantlab[ray]")
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("validate", help="check specs without running them")
     p.add_argument("specs", nargs="+")

@@ -15,6 +15,7 @@ from typing import Optional
 import pytest
 
 _RUNS = pytest.StashKey[dict]()
+_RAY = pytest.StashKey[dict]()   # --quantlab-ray: the selected specs, then the fan-out's outcome
 
 
 def pytest_addoption(parser):
@@ -25,12 +26,29 @@ def pytest_addoption(parser):
                     help="directory for each spec's results.json, manifest.json and plots (default: .quantlab/out)")
     group.addoption("--quantlab-progress", action="store_true", default=False,
                     help="show progress bars and log lines while specs run")
+    group.addoption("--quantlab-ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                    help="compute the selected specs' uncached schemes and sweep points as tasks on a Ray cluster "
+                         "(ADDRESS, e.g. auto; none: a local one) into the shared results cache before the first "
+                         "spec runs; needs quantlab[ray]")
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "real_model: needs the SmolLM2-135M GGUF (pip-fetched into the cache)")
     config.addinivalue_line("markers", "quantlab_spec: a test generated from a quantlab YAML spec")
     config.stash[_RUNS] = {}
+    address = config.getoption("quantlab_ray", None)
+    if address is not None:
+        import importlib.util
+
+        if importlib.util.find_spec("ray") is None:
+            raise pytest.UsageError("--quantlab-ray needs the ray package: pip install 'quantlab[ray]'")
+        if config.getoption("quantlab_no_cache"):
+            raise pytest.UsageError("--quantlab-ray needs the results cache (workers leave their results there): "
+                                    "drop --quantlab-no-cache")
+        if address != "local" and Path(address).exists():
+            raise pytest.UsageError(f"--quantlab-ray took {address} as the cluster's address; put the test paths "
+                                    "before it, or write --quantlab-ray=ADDRESS")
+        config.stash[_RAY] = {"specs": []}
     if config.pluginmanager.hasplugin("html"):
         from quantlab.report.html_hooks import HtmlHooks
 
@@ -51,6 +69,12 @@ def pytest_collect_file(file_path: Path, parent):
     if "specs" in file_path.parts or parent.session.isinitpath(file_path):
         return SpecFile.from_parent(parent, path=file_path)
     return None
+
+
+def pytest_collection_finish(session):
+    if _RAY in session.config.stash:   # the specs whose items were selected: what the fan-out computes
+        specs = {id(item.parent.spec): item.parent.spec for item in session.items if isinstance(item, SpecFunction)}
+        session.config.stash[_RAY]["specs"] = list(specs.values())
 
 
 class SpecCollectionError(Exception):
@@ -146,10 +170,32 @@ def _run(config, spec):
     progress = config.getoption("quantlab_progress")
     if progress:
         logging.getLogger("quantlab").setLevel(logging.INFO)
+    if _RAY in config.stash:
+        _ray_fan_out(config, spec, progress)
     try:
         return run(spec, use_cache=not config.getoption("quantlab_no_cache"), progress=progress)
     except RunInterrupted as e:
         pytest.exit(str(e), returncode=130)   # one line, no traceback, the shell's code for Ctrl-C
+
+
+def _ray_fan_out(config, spec, progress: bool) -> None:
+    """Before the first spec runs, every selected spec's uncached units run as Ray tasks into the cache
+    (quantlab.distributed); a spec with a failed unit fails here, naming the scheme, instead of computing
+    it in this process."""
+    from quantlab.distributed import failure_message, fan_out
+
+    state = config.stash[_RAY]
+    if "outcome" not in state:
+        try:
+            state["outcome"] = fan_out(state["specs"] or [spec], config.getoption("quantlab_ray"), progress=progress)
+        except Exception as e:   # no cluster to connect to, say: every spec fails with it, once each
+            state["outcome"] = e
+    outcome = state["outcome"]
+    if isinstance(outcome, Exception):
+        raise outcome
+    errors = outcome.errors_for(spec)
+    if errors:
+        raise RuntimeError(failure_message(spec, errors))
 
 
 def out_dir(config, spec) -> Path:
