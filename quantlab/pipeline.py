@@ -70,12 +70,12 @@ class SpecRun:
         return cache[(dataset, split)]
 
     def calibration(self, spec: Spec) -> torch.Tensor:
-        from quantlab.data import calibration_windows, load_text
+        from quantlab.data import calibration_windows, corpus_tokens
 
         c = spec.calibration
         cache = self.__dict__.setdefault("_calibration_tokens", {})
         if c.dataset not in cache:
-            cache[c.dataset] = self.model.encode(load_text(c.dataset, "train"))
+            cache[c.dataset] = corpus_tokens(self.model, c.dataset, "train")   # encoded text, or random ids
         return calibration_windows(cache[c.dataset], c.samples, c.seq_len, spec.seed)
 
     def heldout(self, spec: Spec) -> Optional[torch.Tensor]:
@@ -177,15 +177,18 @@ class SpecRun:
 
     def quantize(self, spec: Spec, cfg: SchemeConfig):
         from quantlab.calibrate import quantize_model
+        from quantlab.data import calibration_health
 
         if cfg.method == "checkpoint":
             return self.imported(cfg.checkpoint)
         calibration = self.calibration(spec) if cfg.needs_calibration else None
-        return quantize_model(
+        quantized = quantize_model(
             self.model, cfg.quant_scheme(), calibration, method=cfg.method, keep=spec.keep,
             damp=cfg.damp, block_size=cfg.block_size, act_order=cfg.act_order, static_groups=cfg.static_groups,
             batch_size=spec.calibration.batch_size, heldout=self.heldout(spec) if calibration is not None else None,
             progress=self.progress)
+        quantized.health += calibration_health(calibration)   # too few distinct windows (quantlab.data)
+        return quantized
 
     def imported(self, uri: str):
         """A checkpoint another tool (or quantlab's export) wrote, refused unless it is the spec's model."""

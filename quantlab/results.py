@@ -80,12 +80,13 @@ def _normalise_floats(obj) -> None:
 
 
 class HealthEventName(str, Enum):
-    """What can go wrong while quantizing one layer."""
+    """What can go wrong while quantizing one layer (or, layer None, with the calibration set)."""
 
     DAMP_RAISED = "damp_raised"                       # H needed more damping than asked to be factorised
     RTN_FALLBACK = "rtn_fallback"                     # GPTQ could not run; the layer was rounded to nearest
     NO_CALIBRATION_TOKENS = "no_calibration_tokens"   # the layer saw no calibration input
     NAN = "nan"                                       # NaN or Inf in the inputs, the Hessian or the solve
+    DUPLICATE_CALIBRATION_WINDOWS = "duplicate_calibration_windows"   # > 10% of the calibration windows repeat one
 
 
 @dataclass(frozen=True)

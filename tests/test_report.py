@@ -64,7 +64,10 @@ def make_results(model, ppl_by_scheme, gptq_of=None, tasks=True, layers=True, sw
         sweeps = (Sweep(key="calibration.samples", values=(4, 8, 16),
                         results=tuple({s: SchemeResult(layers={n: LayerStats(rel_loss=0.1 / samples * (j + 1))
                                                                for j, n in enumerate(linear_names)}) for s in gptq}
-                                      for samples in (4, 8, 16))),)
+                                      for samples in (4, 8, 16))),
+                  Sweep(key="calibration.dataset", values=("shakespeare", "verbs"),
+                        results=tuple({s: SchemeResult(ppl=11.0 * factor, ppl_gap_stderr=0.002, kld_mean=0.01 * factor,
+                                                       kld_stderr=0.001) for s in gptq} for factor in (1.0, 1.1))))
     first = results["fp32"]
     return RunResult(spec="test/report", spec_sha256="ab" * 32, source="specs/test/report.yaml", seed=0,
                      baseline="fp32", fingerprint={"dataset": "shakespeare", "seq_len": 16}, schemes=schemes,

@@ -5,23 +5,29 @@ the same corpus serves byte-level MiniGPT and any Hugging Face tokenizer alike.
 
     load_text("shakespeare", "test")         # Hamlet, Macbeth, Othello
     load_text("text:notes/", "train")        # every .txt under a folder, sorted by path
+    load_text("text:/usr/lib/python3*/*.py")  # every file a glob matches (** recursive), sorted by path
+    corpus_tokens(model, "random", "train")   # token ids: model.encode(load_text(...)), or uniform random ids
     load_text("jsonl:data.jsonl#text", "train")
     load_task("verb_tense")                  # list[MCItem]
     calibration_windows(model.encode(text), n_samples=128, seq_len=512, seed=0)
+    calibration_health(windows)              # a health event when too many windows repeat
 """
 from __future__ import annotations
 
 import difflib
+import glob
 import json
 from pathlib import Path
 from typing import Optional
 
-from quantlab.data.samplers import calibration_windows
+from quantlab.data.random_corpus import random_corpus
+from quantlab.data.samplers import calibration_health, calibration_windows, duplicate_windows
 from quantlab.data.shakespeare import plays, shakespeare_split
 from quantlab.data.tasks import MCItem, load_jsonl_task
 from quantlab.data.verbs import verb_tense_task, verbs_text
 
-__all__ = ["MCItem", "calibration_windows", "dataset_files", "list_datasets", "list_tasks", "load_task", "load_text",
+__all__ = ["MCItem", "calibration_health", "calibration_windows", "corpus_tokens", "dataset_files",
+           "duplicate_windows", "random_corpus", "list_datasets", "list_tasks", "load_task", "load_text",
            "task_files",
            "load_jsonl_task", "plays", "shakespeare_split", "verb_tense_task", "verbs_text"]
 
@@ -31,9 +37,13 @@ _DATASETS = {
     "verbs": "generated English verb-tense sentences (splits train/test with disjoint (subject, verb) pairs)",
     "text:PATH": "your own text: one file, or every .txt file under a folder joined in sorted path order "
                  "(the same text for every split)",
+    "text:GLOB": "every file a glob matches (** matches folders recursively), e.g. text:/usr/lib/python3*/*.py "
+                 "for Python's standard library, joined in sorted path order (undecodable bytes replaced)",
+    "random": "uniform random token ids over the model's vocabulary (seeded; calibration only: it is no text)",
     "jsonl:PATH#field": "your own JSON-lines file: the string `field` of every line, joined by blank lines "
                         "(the same text for every split)",
 }
+RANDOM = "random"
 _TASKS = {
     "verb_tense": "fill-the-blank verb tense (base / 3rd-person / past), verbs test split, 600 items",
     "jsonl:PATH": 'your own multiple-choice items, one {"context", "choices", "answer"} object per line',
@@ -54,8 +64,13 @@ def dataset_problem(dataset) -> Optional[str]:
     file it names exists). Paths are relative to the directory quantlab runs in, as in load_text."""
     if not isinstance(dataset, str):
         return f"a dataset is a name or text:PATH / jsonl:PATH#field, got {dataset!r}"
-    if dataset in ("shakespeare", "verbs"):
+    if dataset in ("shakespeare", "verbs", RANDOM):
         return None
+    if dataset.startswith("text:") and _is_glob(dataset[len("text:"):]):
+        if _glob_files(dataset[len("text:"):]):
+            return None
+        return (f"text corpus glob {dataset[len('text:'):]!r} matches no file (paths are relative to the directory "
+                "quantlab runs in); fix the pattern")
     if dataset.startswith("text:"):
         path = Path(dataset[len("text:"):])
         if path.is_file() or (path.is_dir() and any(p.is_file() for p in path.rglob("*.txt"))):
@@ -70,7 +85,7 @@ def dataset_problem(dataset) -> Optional[str]:
             return (f"jsonl corpus {path!r} does not exist (paths are relative to the directory quantlab runs in); "
                     "fix the path in jsonl:PATH#field")
         return None
-    close = difflib.get_close_matches(dataset, ["shakespeare", "verbs"], n=1)
+    close = difflib.get_close_matches(dataset, ["shakespeare", "verbs", RANDOM], n=1)
     hint = f"did you mean {close[0]!r}?" if close else f"use one of {', '.join(_DATASETS)}"
     return f"unknown dataset {dataset!r}; {hint}"
 
@@ -97,8 +112,13 @@ def load_text(dataset: str, split: str = "train") -> str:
         return shakespeare_split(split)
     if dataset == "verbs":
         return verbs_text(split)
+    if dataset == RANDOM:
+        raise ValueError("dataset 'random' is token ids, not text: it serves as calibration data only "
+                         "(quantlab.data.corpus_tokens); evaluate on a text corpus")
     if dataset.startswith("text:"):
-        return "\n\n".join(f.read_text(encoding="utf-8") for f in dataset_files(dataset))
+        # A glob gathers files nobody curated (a code tree): a stray non-UTF-8 byte is replaced, not fatal.
+        errors = "replace" if _is_glob(dataset[len("text:"):]) else "strict"
+        return "\n\n".join(f.read_text(encoding="utf-8", errors=errors) for f in dataset_files(dataset))
     if dataset.startswith("jsonl:"):
         (path,) = dataset_files(dataset)
         return _read_jsonl_field(path, _jsonl_parts(dataset)[1])
@@ -108,6 +128,12 @@ def load_text(dataset: str, split: str = "train") -> str:
 def dataset_files(dataset: str) -> list[Path]:
     """The exact files ``load_text`` reads for a user corpus, in reading order (what its cache key
     hashes); [] for the built-in corpora, which are pinned by their package's checksum."""
+    if dataset.startswith("text:") and _is_glob(dataset[len("text:"):]):
+        files = _glob_files(dataset[len("text:"):])
+        if not files:
+            raise FileNotFoundError(f"text corpus glob {dataset[len('text:'):]!r} matches no file; fix the pattern "
+                                    "(paths are relative to the directory quantlab runs in)")
+        return files
     if dataset.startswith("text:"):
         path = Path(dataset[len("text:"):])
         if path.is_file():
@@ -125,6 +151,24 @@ def dataset_files(dataset: str) -> list[Path]:
             raise FileNotFoundError(f"jsonl corpus {path} does not exist; write it as jsonl:PATH#field")
         return [path]
     return []
+
+
+def corpus_tokens(model, dataset: str, split: str = "train"):
+    """``dataset``'s ``split`` as the (N,) int64 token ids of ``model`` (a quantlab LanguageModel): the
+    encoded text, or for ``random`` uniform ids over the model's vocabulary."""
+    if dataset == RANDOM:
+        return random_corpus(model.vocab_size, split)
+    return model.encode(load_text(dataset, split))
+
+
+def _is_glob(path: str) -> bool:
+    """Whether text:PATH is a pattern (has *, ? or [) rather than a file or folder."""
+    return any(c in path for c in "*?[")
+
+
+def _glob_files(pattern: str) -> list[Path]:
+    """The files ``pattern`` matches (``**`` recursive), sorted by path so the text is the same on every run."""
+    return sorted(Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
 
 
 def task_files(task: str) -> list[Path]:

@@ -1,4 +1,5 @@
-"""Calibration samplers: fixed-length token windows drawn from a corpus, reproducibly."""
+"""Calibration samplers: fixed-length token windows drawn from a corpus, reproducibly, and what is wrong
+with a set of them (too few distinct windows)."""
 from __future__ import annotations
 
 import torch
@@ -21,3 +22,33 @@ def calibration_windows(tokens: torch.Tensor, n_samples: int, seq_len: int, seed
     starts = torch.randint(0, tokens.numel() - seq_len + 1, (n_samples,), generator=generator)  # (S,)
     offsets = torch.arange(seq_len)                                                            # (L,)
     return tokens[starts[:, None] + offsets[None, :]]                                          # (S, L)
+
+
+# More than this fraction of the windows repeating an earlier window is reported (a health event): the
+# calibration set is then smaller than ``n_samples`` says. Windows drawn from a corpus of N tokens repeat by
+# chance with probability about n_samples^2 / (2 N), negligible for any corpus meant for calibration; a
+# tenth repeated means the corpus offers too few distinct windows (it is barely longer than seq_len).
+DUPLICATE_WINDOW_LIMIT = 0.1
+
+
+def duplicate_windows(windows: torch.Tensor) -> int:
+    """How many of the (S, L) windows repeat an earlier one (S minus the number of distinct windows)."""
+    if windows.dim() != 2:
+        raise ValueError(f"duplicate_windows expects (n_samples, seq_len) windows, got shape {tuple(windows.shape)}")
+    return windows.shape[0] - torch.unique(windows, dim=0).shape[0] if windows.shape[0] else 0
+
+
+def calibration_health(windows) -> list:
+    """Health events of a calibration set: ``duplicate_calibration_windows`` when more than
+    DUPLICATE_WINDOW_LIMIT of the windows repeat an earlier one; [] for None (no calibration)."""
+    if windows is None or windows.shape[0] == 0:
+        return []
+    repeated = duplicate_windows(windows)
+    if repeated <= DUPLICATE_WINDOW_LIMIT * windows.shape[0]:
+        return []
+    n, length = windows.shape
+    return [{"event": "duplicate_calibration_windows", "layer": None,
+             "detail": f"{repeated} of {n} calibration windows of {length} tokens repeat another "
+                       f"({n - repeated} distinct): the corpus offers too few distinct windows; use a longer "
+                       "corpus, a shorter seq_len or fewer samples"}]
+

@@ -1,5 +1,6 @@
 """The report's plots: Pareto curve, task accuracy, error against calibration size, the decode
-roofline, and (from ``quantlab.report.heatmap``) per-layer error. Each takes a results dict (the results.json shape) and a path, and returns the
+roofline, (from ``quantlab.report.heatmap``) per-layer error and (from
+``quantlab.report.calibration_data``) quality per calibration corpus. Each takes a results dict (the results.json shape) and a path, and returns the
 PNG's path, or None when the results hold nothing to draw.
 
 Plots are drawn on ``matplotlib.figure.Figure`` objects rather than through pyplot: no global figure
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from quantlab.analysis import is_number, pareto_frontier, scheme_method, scheme_order, scheme_results, usable
 from quantlab.files import write_bytes
+from quantlab.report import calibration_data as _calibration_data
 from quantlab.report.heatmap import MAX_LAYER_ROWS, layer_values, natural_key, plot_per_layer  # noqa: F401
 from quantlab.report.units import _fmt_bytes
 from quantlab.roofline import (KERNEL_LABELS, attainable_gflops, decode_intensity, decode_seconds, measure_machine,
@@ -24,7 +26,7 @@ from quantlab.roofline import (KERNEL_LABELS, attainable_gflops, decode_intensit
 
 log = logging.getLogger("quantlab")
 
-PLOTS = ("pareto", "accuracy", "calibration_size", "per_layer", "roofline")
+PLOTS = ("pareto", "accuracy", "calibration_size", "per_layer", "roofline", "calibration_data")
 
 PLOT_CAPTIONS = {
     "pareto": "Size against perplexity, with ± 1 standard error of each perplexity over evaluation windows "
@@ -45,6 +47,7 @@ PLOT_CAPTIONS = {
                 "compute and bandwidth ceilings. Hollow markers are measured: batch-1 matmuls through the "
                 "block Linears with torch's float32 F.linear and its int8 and INT4 weight-only CPU kernels, "
                 "at the intensity of the bytes each reads and the GFLOP/s it reached.",
+    "calibration_data": _calibration_data.CAPTION,
 }
 
 METHOD_COLOURS = {"float": "tab:gray", "rtn": "tab:blue", "gptq": "tab:red"}
@@ -394,6 +397,7 @@ def make_plots(results, out_dir, which=None, machine=None) -> dict:
         "calibration_size": lambda path: plot_calibration_size(results, path),
         "per_layer": lambda path: plot_per_layer(results, path),
         "roofline": lambda path: _draw_roofline(results, machine, path),
+        "calibration_data": lambda path: _calibration_data.plot_calibration_data(results, path, _figure, _save_png),
     }
     written = {name: drawers[name](out_dir / f"{name}.png") for name in names}
     return {name: path for name, path in written.items() if path is not None}

@@ -405,7 +405,7 @@ HELDOUT_METRICS = ("mean_heldout_rel_loss", "quantize_seconds")   # what calibra
 
 
 class _OverSweep(Check):
-    """What monotone and spread share: a metric of one scheme read at every value of the spec's sweep."""
+    """What monotone, spread and best share: a metric of one scheme read at every value of the spec's sweep."""
 
     constant = ""   # what the check is on a series that never moves
 
@@ -459,6 +459,9 @@ class Monotone(_OverSweep):
         if opts["over"] == "seed":
             raise ctx.error("check: monotone over seed compares unrelated draws (a seed is a label, not a size); "
                             "use check: spread over a seed sweep", "check")
+        if opts["over"] == "calibration.dataset":
+            raise ctx.error("check: monotone over calibration.dataset orders corpora by name, which means nothing; "
+                            "use check: best (one corpus better than every other by a margin)", "check")
         if list(spec.sweep[1]) != sorted(spec.sweep[1]):
             raise ctx.error(f"check: monotone reads the sweep in the order written; list the {opts['over']} values in "
                             f"increasing order, e.g. {sorted(spec.sweep[1])}", "check")
@@ -519,7 +522,48 @@ class Spread(_OverSweep):
                            f" (margin {fmt(exp.threshold - spread)})", spread)
 
 
-CHECKS = {c.name: c for c in (Compare(), Grid(), ParetoFrontier(), Health(), Monotone(), Spread())}
+class Best(_OverSweep):
+    """``{check: best, metric: ppl, scheme: q, at: shakespeare, by: 0.05}``: over the sweep, the metric at
+    ``at`` beats its value at every other sweep value by at least the relative margin ``by`` (lower is
+    better; ``direction: highest`` for accuracies)."""
+
+    name = "best"
+    keys = frozenset({"check", "metric", "scheme", "over", "xfail", "at", "by", "direction"})
+
+    constant = "false"
+
+    def parse(self, item, ctx, spec, xfail):
+        opts = self._parse_common(item, ctx, spec)
+        if "at" not in item or item["at"] not in spec.sweep[1]:
+            raise ctx.error(f"check: best needs at: one of the sweep's values ({', '.join(map(str, spec.sweep[1]))})",
+                            "at" if "at" in item else "check")
+        opts["at"] = item["at"]
+        opts["by"] = get_value(item, "by", float, 0.0, ctx, "check: best", check=lambda v: v >= 0,
+                               fix="by is a relative margin >= 0, e.g. 0.05 for 5%")
+        opts["direction"] = get_value(item, "direction", str, "lowest", ctx, "check: best",
+                                      check=lambda v: v in ("lowest", "highest"), fix="use lowest or highest")
+        return [Expectation(self.name, ctx.line(), s, item["metric"], options=opts, xfail=xfail)
+                for s in self.schemes(item, ctx, spec)]
+
+    def evaluate(self, exp, results):
+        xs, ys = self.series(exp, results)
+        if xs is None or exp.options["at"] not in xs or any(y is None for y in (ys or [None])):
+            return Outcome(False, f"{exp.metric} of {exp.scheme} over {exp.options['over']} was not recorded")
+        at, by, lowest = exp.options["at"], exp.options["by"], exp.options["direction"] == "lowest"
+        best = ys[xs.index(at)]
+        # The relative advantage over each other value: > 0 when ``at`` is better.
+        gains = {x: ((y - best) if lowest else (best - y)) / abs(best) if best else float("inf")
+                 for x, y in zip(xs, ys) if x != at}
+        runner_up = min(gains, key=gains.get)
+        series = ", ".join(f"{x}: {fmt(y)}" for x, y in zip(xs, ys))
+        ok = gains[runner_up] >= by
+        return Outcome(ok, f"{exp.metric} of {exp.scheme} at {at} = {fmt(best)} {'is' if ok else 'is not'} "
+                           f"{exp.options['direction']} by {by:.1%} over {exp.options['over']}: the closest, "
+                           f"{runner_up}, is {gains[runner_up]:+.1%} {'worse' if gains[runner_up] >= 0 else 'better'} "
+                           f"(margin {gains[runner_up] - by:+.1%}); series {series}", gains[runner_up])
+
+
+CHECKS = {c.name: c for c in (Compare(), Grid(), ParetoFrontier(), Health(), Monotone(), Spread(), Best())}
 
 
 def parse_expectations(items, ctx: Ctx, spec: SpecView) -> list:

@@ -29,8 +29,9 @@ from quantlab.spec.located import (Ctx, Located, SpecError, check_keys, dataclas
 from quantlab.spec.schemes import parse_schemes
 
 DEFAULT_KEEP = list(KEEP_KINDS)
-PLOTS = ("pareto", "accuracy", "calibration_size", "per_layer", "roofline")
-SWEEPABLE = ("calibration.samples", "calibration.seq_len", "calibration.heldout_samples", "seed")
+PLOTS = ("pareto", "accuracy", "calibration_size", "per_layer", "roofline", "calibration_data")
+SWEEPABLE = ("calibration.samples", "calibration.seq_len", "calibration.heldout_samples", "calibration.dataset", "seed")
+STRING_SWEEPS = ("calibration.dataset",)   # swept over names; the others over integers
 # The pytest markers a spec may put on its tests: pytest.ini's (real_model, slow) and the ones quantlab's
 # pytest plugin registers (quantlab_spec, real_model). An unregistered marker fails under --strict-markers
 # and is a typo otherwise; to add one, register it in pytest.ini's markers and list it here.
@@ -159,6 +160,13 @@ def _check_seed(seed, heldout_samples: int, ctx: Ctx, key, what: str) -> None:
         raise ctx.error(f"{what} {seed} is outside what torch.Generator takes{why}; use a seed in 0..{top}", key)
 
 
+def _check_heldout_corpus(dataset: str, heldout_samples: int, ctx: Ctx, key) -> None:
+    """Held-out windows are the calibration corpus's validation text: 'random' has none."""
+    if dataset == "random" and heldout_samples > 0:
+        raise ctx.error("calibration.heldout_samples needs the calibration corpus's validation text, and 'random' is "
+                        "token ids; set heldout_samples: 0 or calibrate on a text corpus", key)
+
+
 def _parse_sweep(data, ctx: Ctx, spec: "Spec", context: Optional[int]) -> Optional[tuple]:
     """``sweep: {key: [values]}``: each value is checked as if the spec had set it."""
     if data.get("sweep") is None:
@@ -169,8 +177,10 @@ def _parse_sweep(data, ctx: Ctx, spec: "Spec", context: Optional[int]) -> Option
         raise ctx.error("sweep must map one key to a list of values, e.g. sweep: {calibration.samples: [4, 16, 64]}", "sweep")
     check_keys(sw, SWEEPABLE, sctx, "sweep")
     key, values = next(iter(sw.items()))
-    if not isinstance(values, list) or len(values) < 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-        raise sctx.error(f"sweep {key} needs a list of at least two integers", key)
+    kind, is_kind = (("dataset names", lambda v: isinstance(v, str)) if key in STRING_SWEEPS
+                     else ("integers", lambda v: isinstance(v, int) and not isinstance(v, bool)))
+    if not isinstance(values, list) or len(values) < 2 or not all(is_kind(v) for v in values):
+        raise sctx.error(f"sweep {key} needs a list of at least two {kind}", key)
     if len(set(values)) != len(values):
         raise sctx.error(f"sweep {key} lists a value twice; list each value once", key)
     if not any(cfg.needs_calibration for cfg in spec.schemes.values()):
@@ -181,12 +191,17 @@ def _parse_sweep(data, ctx: Ctx, spec: "Spec", context: Optional[int]) -> Option
             _check_seed(v, spec.calibration.heldout_samples, sctx, key, f"sweep {key} value")
             continue
         field_name = key.split(".")[1]
+        if field_name == "dataset":
+            references.check_dataset(v, sctx, key, f"sweep {key} value {v!r}")
+            _check_heldout_corpus(v, spec.calibration.heldout_samples, sctx, key)
+            continue
         try:
             dataclasses.replace(spec.calibration, **{field_name: v})
         except ValueError as e:
             raise sctx.error(f"sweep {key} value {v}: {e}", key) from None
         if field_name == "heldout_samples":
             _check_seed(spec.seed, v, ctx, "seed", "seed")
+            _check_heldout_corpus(spec.calibration.dataset, v, sctx, key)
         if field_name == "seq_len":
             references.check_seq_len(v, context, spec.model, f"{key} (in the sweep)", sctx, key)
     return key, list(values)
@@ -258,6 +273,10 @@ def parse_spec(data, source: str = "<spec>", name: Optional[str] = None, text: O
     evaluation = dataclass_from(EvaluationConfig, eval_map, ectx, "evaluation")
     references.check_dataset(calibration.dataset, cctx, "dataset", "calibration.dataset")
     references.check_dataset(evaluation.dataset, ectx, "dataset", "evaluation.dataset")
+    if evaluation.dataset == "random":
+        raise ectx.error("evaluation.dataset 'random' is token ids, not text, and has nothing to score; it is "
+                         "calibration data only: evaluate on shakespeare, verbs or your own text", "dataset")
+    _check_heldout_corpus(calibration.dataset, calibration.heldout_samples, cctx, "dataset")
     references.check_tasks(evaluation.tasks, ectx)
     references.check_seq_len(calibration.seq_len, context, model, "calibration.seq_len", cctx, "seq_len")
     references.check_seq_len(evaluation.seq_len, context, model, "evaluation.seq_len", ectx, "seq_len")
