@@ -163,11 +163,18 @@ def compute_scales(W: torch.Tensor, scheme: Scheme, g_idx: Optional[torch.Tensor
     wmin = torch.zeros(rows, n_groups).scatter_reduce(1, index, Wr, "amin", include_self=True)
     if scheme.scale_search == "absmax":
         return _range_scales(wmin, wmax, scheme)
+    # Groups of consecutive columns (every layout but an act-order g_idx) are scored on a (rows, groups,
+    # size) view, several times faster than gather/scatter; either way a group's error sums its own
+    # elements in their order, so the same group gives the same error inside any matrix.
+    size = scheme.group_size if scheme.granularity == "group" else Wr.shape[1]
+    contiguous = torch.equal(index[0], torch.arange(Wr.shape[1]) // size)
+    score = (lambda sc, ze: _contiguous_group_error(Wr, size, sc, ze, scheme)) if contiguous else \
+        (lambda sc, ze: _group_squared_error(Wr, index, sc, ze, scheme))
     best_scales, best_zeros = _range_scales(wmin, wmax, scheme)
-    best_error = _group_squared_error(Wr, index, best_scales, best_zeros, scheme)
+    best_error = score(best_scales, best_zeros)
     for shrink in MSE_SHRINK_GRID[1:]:
         scales, zeros = _range_scales(wmin * shrink, wmax * shrink, scheme)
-        error = _group_squared_error(Wr, index, scales, zeros, scheme)
+        error = score(scales, zeros)
         better = error < best_error          # strict: a tie keeps the larger scale, absmax first
         best_error = torch.where(better, error, best_error)
         best_scales = torch.where(better, scales, best_scales)
@@ -198,6 +205,29 @@ def _group_squared_error(Wr: torch.Tensor, index: torch.Tensor, scales: torch.Te
     codes = quantize(Wr, s, z, scheme.qmin, scheme.qmax)
     squared = (Wr - dequantize(codes, s, z)).square()
     return torch.zeros(scales.shape, dtype=torch.float32).scatter_add_(1, index, squared)
+
+
+def _contiguous_group_error(Wr: torch.Tensor, size: int, scales: torch.Tensor, zeros: Optional[torch.Tensor],
+                            scheme: Scheme) -> torch.Tensor:
+    """``_group_squared_error`` for groups of ``size`` consecutive columns (the last may be smaller): the
+    same rounding, element for element (quantize's arithmetic in float32), on (rows, groups, size) views."""
+    rows, width = Wr.shape
+    full = width // size
+    parts = []
+    for start, count, length in ((0, full, size), (full * size, 1 if width % size else 0, width % size)):
+        if count == 0:
+            continue
+        first = start // size
+        x = Wr[:, start:start + count * length].reshape(rows, count, length)
+        s = scales[:, first:first + count].to(torch.float32).unsqueeze(2)
+        q = torch.round(torch.where(s > 0, x / torch.where(s > 0, s, 1.0), 0.0))
+        if zeros is not None:
+            z = zeros[:, first:first + count].to(torch.float32).unsqueeze(2)
+            q = torch.clamp(q + z, scheme.qmin, scheme.qmax) - z
+        else:
+            q = torch.clamp(q, scheme.qmin, scheme.qmax)
+        parts.append((x - q * s).square().contiguous().sum(dim=2))
+    return torch.cat(parts, dim=1)
 
 
 def expand(per_group: torch.Tensor, g_idx: torch.Tensor, shape) -> torch.Tensor:
