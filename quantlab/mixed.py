@@ -1,4 +1,15 @@
-"""Mixed precision under a byte budget: one candidate scheme per layer, least total estimated loss.
+"""Mixed precision under a byte budget: measure each layer's sensitivity per candidate scheme, then
+choose one candidate per layer with the least total estimated loss.
+
+Sensitivity (``layer_sensitivity``). Two proxies are measured on the float model in one forward and
+backward pass over the calibration windows, for each Linear and candidate, with D = W - Q_c(W) (RTN):
+- ``output_error``: tr(D H D^T), the mean squared output error on the calibration inputs (H = X^T X / n);
+- ``kl_estimate``: 0.5 sum_o g_o (D H D^T)_oo with g_o the mean squared gradient of the next-token
+  cross-entropy with respect to output o (the empirical Fisher of the outputs, diagonal, with the
+  Kronecker (K-FAC) approximation that inputs and output gradients are independent): a second-order
+  estimate of the KL increase, in nats per token, when only that layer is quantized. Unlike the
+  output error it knows how much the rest of the network amplifies or ignores an error in this layer.
+benchmarks/bench_sensitivity.py measures both against the true single-layer KL increase on MiniGPT.
 
 The problem is a multiple-choice knapsack: layer i takes exactly one candidate j, costing c_ij bytes
 and an estimated loss l_ij (a measured sensitivity, e.g. the output error or KL increase when only that
@@ -25,6 +36,7 @@ from functools import reduce
 from typing import Optional, Sequence, Union
 
 import numpy as np
+import torch
 
 MAX_CELLS = 1 << 17
 _UNITS = {"bytes": 1, "B": 1, "kB": 10 ** 3, "MB": 10 ** 6, "GB": 10 ** 9}
@@ -170,3 +182,107 @@ def _validate(costs, losses, budget, max_cells):
     if not isinstance(max_cells, int) or max_cells < 1:
         raise ValueError(f"max_cells must be a positive integer, got {max_cells!r}")
     return c, l
+
+
+# ----------------------------------------------------------------------------------------------
+# Sensitivity
+
+
+PROXIES = ("kl_estimate", "output_error")
+
+
+def candidate_costs(shapes: dict, candidates: dict) -> dict:
+    """{layer: {candidate: deployable bytes}} for Linear shapes {layer: (out, in)} and candidate
+    schemes {name: Scheme}: QTensor.nbytes in closed form (natural column order)."""
+    from quantlab.quant import expected_nbytes
+
+    return {layer: {name: expected_nbytes(out, inp, scheme) for name, scheme in candidates.items()}
+            for layer, (out, inp) in shapes.items()}
+
+
+def sensitivity_statistics(model, calibration: torch.Tensor, batch_size: int = 8) -> dict:
+    """{Linear name: (H (in, in), g (out,))} of the float ``model`` (a LanguageModel, unchanged) over the
+    calibration windows (n, T): the input Hessian X^T X / n and the mean squared gradient of the mean
+    next-token cross-entropy with respect to each output, scaled per token (n x dL/dy)."""
+    module = model.module
+    names = model.all_linear_names()
+    linears = {name: module.get_submodule(name) for name in names}
+    sums = {name: [None, None] for name in names}
+    n_tokens = 0
+    handles = []
+
+    def capture(name):
+        def hook(mod, args, output):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float32)
+            H = x.t() @ x
+            sums[name][0] = H if sums[name][0] is None else sums[name][0] + H
+            if output.requires_grad:
+                def grad_hook(grad):
+                    g = grad.detach().reshape(-1, grad.shape[-1]).to(torch.float32).square().sum(dim=0)
+                    sums[name][1] = g if sums[name][1] is None else sums[name][1] + g
+                output.register_hook(grad_hook)
+        return hook
+
+    requires = {p: p.requires_grad for p in module.parameters()}
+    for name, linear in linears.items():
+        handles.append(linear.register_forward_hook(capture(name)))
+    try:
+        for p in module.parameters():
+            p.requires_grad_(True)
+        with torch.enable_grad():
+            for batch in calibration.split(batch_size):
+                logits = model.logits(batch)
+                targets = batch[:, 1:].reshape(-1).to(logits.device)
+                tokens = targets.numel()
+                # Summed over tokens: each token's gradient enters unscaled, so g is per token.
+                loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets,
+                                                         reduction="sum")
+                loss.backward()
+                n_tokens += tokens
+                module.zero_grad(set_to_none=True)
+    finally:
+        for h in handles:
+            h.remove()
+        for p, flag in requires.items():
+            p.requires_grad_(flag)
+    inputs_per_window = calibration.shape[1]   # the Hessian sees every position, the loss all but the last
+    n_inputs = calibration.shape[0] * inputs_per_window
+    return {name: (H / n_inputs, g / n_tokens) for name, (H, g) in sums.items() if H is not None and g is not None}
+
+
+def layer_sensitivity(model, calibration: torch.Tensor, candidates: dict, *, batch_size: int = 8) -> dict:
+    """{layer: {candidate: {"output_error": ..., "kl_estimate": ...}}} for every block Linear of the float
+    ``model`` and every candidate Scheme in ``candidates`` {name: Scheme}, RTN-quantized (module docstring)."""
+    from quantlab.quant import quantize_rtn
+
+    statistics = sensitivity_statistics(model, calibration, batch_size)
+    out = {}
+    for name in model.all_linear_names():
+        if name not in statistics:
+            continue
+        H, g = statistics[name]
+        W = model.module.get_submodule(name).weight.detach().to(torch.float32).cpu()
+        H, g = H.cpu(), g.cpu()
+        out[name] = {}
+        for cname, scheme in candidates.items():
+            D = W - quantize_rtn(W, scheme).dequantize()
+            per_output = ((D @ H) * D).sum(dim=1)    # (out,): (D H D^T)_oo
+            out[name][cname] = {"output_error": float(per_output.sum()),
+                                "kl_estimate": 0.5 * float((g * per_output).sum())}
+    return out
+
+
+def spearman(a: Sequence[float], b: Sequence[float]) -> float:
+    """Spearman's rank correlation: Pearson's correlation of the ranks, tied values sharing their mean rank."""
+    def ranks(values):
+        values = np.asarray(values, dtype=np.float64)
+        order = np.argsort(values, kind="stable")
+        r = np.empty(len(values))
+        r[order] = np.arange(len(values), dtype=np.float64)
+        for v in np.unique(values):
+            tied = values == v
+            r[tied] = r[tied].mean()
+        return r
+
+    ra, rb = ranks(a), ranks(b)
+    return float(np.corrcoef(ra, rb)[0, 1])
