@@ -198,3 +198,14 @@ def test_the_calibration_data_plot_is_drawn_from_a_dataset_sweep_only(tmp_path):
     assert written["calibration_data"].read_bytes().startswith(b"\x89PNG")
     results["sweeps"][0]["key"] = "seed"
     assert make_plots(results, tmp_path / "none", ["calibration_data"]) == {}
+
+
+def test_the_health_check_fails_on_duplicate_windows_unless_allowed():
+    detail = "30 of 32 calibration windows of 16 tokens repeat another (2 distinct)"
+    results = {"results": {"g": {"layers": {}}}, "sweeps": [],
+               "health": [{"scheme": "g", "layer": None, "event": "duplicate_calibration_windows", "detail": detail}]}
+    strict, lenient = spec_with(expect=[{"check": "health", "scheme": "g"},
+                                        {"check": "health", "scheme": "g", "allow_duplicate_windows": True}]).expect
+    outcome = check(strict, results, spec_with())
+    assert not outcome.passed and detail in outcome.message
+    assert check(lenient, results, spec_with()).passed

@@ -355,17 +355,20 @@ class ParetoFrontier(Check):
 
 
 class Health(Check):
-    """``{check: health, scheme: q, max_damp: 0.1}``: no RTN fallback, calibration seen, damping bounded."""
+    """``{check: health, scheme: q, max_damp: 0.1}``: no RTN fallback, calibration seen, damping bounded,
+    calibration windows distinct (``allow_duplicate_windows: true`` lifts the last)."""
 
     name = "health"
-    keys = frozenset({"check", "scheme", "max_damp", "allow_rtn_fallback", "require_calibration_tokens", "xfail"})
+    keys = frozenset({"check", "scheme", "max_damp", "allow_rtn_fallback", "require_calibration_tokens",
+                      "allow_duplicate_windows", "xfail"})
 
     def parse(self, item, ctx, spec, xfail):
         check_keys(item, self.keys, ctx, "check: health")
         opts = {"max_damp": get_value(item, "max_damp", float, None, ctx, "check: health", check=lambda v: v > 0,
                                       fix="max_damp bounds the damping GPTQ may raise to, e.g. 0.1"),
                 "allow_rtn_fallback": get_value(item, "allow_rtn_fallback", bool, False, ctx, "check: health"),
-                "require_calibration_tokens": get_value(item, "require_calibration_tokens", bool, True, ctx, "check: health")}
+                "require_calibration_tokens": get_value(item, "require_calibration_tokens", bool, True, ctx, "check: health"),
+                "allow_duplicate_windows": get_value(item, "allow_duplicate_windows", bool, False, ctx, "check: health")}
         names = [s for s in scheme_names(item, "scheme", ctx, spec.schemes)
                  if spec.schemes[s].method == "gptq" or item.get("scheme") != "*"]
         for s in names:
@@ -389,6 +392,8 @@ class Health(Check):
         if exp.options["require_calibration_tokens"]:
             problems += [f"{e['layer']} saw no calibration tokens" for e in events if e["event"] == "no_calibration_tokens"]
         problems += [f"{e['layer']}: NaN ({e.get('detail', '')})" for e in events if e["event"] == "nan"]
+        if not exp.options.get("allow_duplicate_windows"):
+            problems += [e.get("detail", "") for e in events if e["event"] == "duplicate_calibration_windows"]
         max_damp = exp.options["max_damp"]
         if max_damp is not None:
             layers = results["results"][exp.scheme].get("layers") or {}
