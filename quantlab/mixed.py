@@ -286,3 +286,88 @@ def spearman(a: Sequence[float], b: Sequence[float]) -> float:
 
     ra, rb = ranks(a), ranks(b)
     return float(np.corrcoef(ra, rb)[0, 1])
+
+
+# ----------------------------------------------------------------------------------------------
+# The mixed scheme: candidates, budget, proxy; and choosing each layer's candidate
+
+
+_CANDIDATE = re.compile(r"^int([2-8])-(?:g([1-9][0-9]*)|per-(channel|tensor))$")
+
+
+def candidate_scheme(name: str):
+    """The integer Scheme a candidate name stands for: a preset of quantlab.quant.PRESETS, or
+    ``int<bits>-g<group_size>``, ``int<bits>-per-channel``, ``int<bits>-per-tensor`` (symmetric, restricted grid)."""
+    from quantlab.quant import PRESETS, Scheme
+
+    if name in PRESETS and isinstance(PRESETS[name], Scheme):
+        return PRESETS[name]
+    match = _CANDIDATE.match(str(name))
+    if not match:
+        raise ValueError(f"unknown candidate {name!r}: write int<bits>-g<group size> (int3-g64), int<bits>-per-channel "
+                         "or int<bits>-per-tensor, bits 2..8")
+    bits, group, where = int(match.group(1)), match.group(2), match.group(3)
+    if group:
+        return Scheme(bits, group_size=int(group))
+    return Scheme(bits, granularity=where)
+
+
+@dataclass(frozen=True)
+class MixedScheme:
+    """One candidate scheme per block Linear, chosen under ``budget`` to minimise the summed ``proxy``
+    sensitivity (module docstring). What calibrate.quantize_model takes in place of one Scheme."""
+
+    candidates: tuple
+    budget: Budget
+    proxy: str = "kl_estimate"
+
+    def __post_init__(self):
+        object.__setattr__(self, "candidates", tuple(self.candidates))
+        if not self.candidates:
+            raise ValueError("a mixed scheme needs candidates, e.g. [int3-g64, int4-g64, int8-per-channel]")
+        if len(set(self.candidates)) != len(self.candidates):
+            raise ValueError(f"mixed candidates repeat a name: {list(self.candidates)}")
+        for name in self.candidates:
+            candidate_scheme(name)
+        if not isinstance(self.budget, Budget):
+            raise ValueError(f"budget must be a quantlab.mixed.Budget (parse_budget('4.25 bits_per_weight')), got {self.budget!r}")
+        if self.proxy not in PROXIES:
+            raise ValueError(f"proxy must be one of {', '.join(PROXIES)}, got {self.proxy!r}")
+
+    def schemes(self) -> dict:
+        return {name: candidate_scheme(name) for name in self.candidates}
+
+    def describe(self) -> str:
+        return f"mixed {{{', '.join(self.candidates)}}} within {self.budget.describe()}, by {self.proxy}"
+
+
+@dataclass
+class MixedPlan:
+    """Each layer's chosen candidate, and what the choice was made from."""
+
+    chosen: dict          # layer -> candidate name
+    schemes: dict         # layer -> Scheme
+    sensitivity: dict     # layer -> {candidate: proxy value}
+    costs: dict           # layer -> {candidate: bytes}
+    assignment: Assignment
+
+
+def plan_mixed(model, calibration: torch.Tensor, mixed: MixedScheme, *, batch_size: int = 8) -> MixedPlan:
+    """Measure every block Linear's sensitivity to every candidate on the float ``model`` and solve the
+    knapsack under the budget (bits_per_weight over the block Linears, as results' ``bits_per_weight``)."""
+    candidates = mixed.schemes()
+    shapes = {name: tuple(model.module.get_submodule(name).weight.shape) for name in model.all_linear_names()}
+    costs = candidate_costs(shapes, candidates)
+    measured = layer_sensitivity(model, calibration, candidates, batch_size=batch_size)
+    missing = [name for name in shapes if name not in measured]
+    if missing:
+        raise ValueError(f"no calibration input reached {missing[0]} (and {len(missing) - 1} more), so its sensitivity "
+                         "is unknown; give more calibration windows")
+    sensitivity = {name: {c: measured[name][c][mixed.proxy] for c in candidates} for name in shapes}
+    budget = mixed.budget.bytes_for(sum(out * inp for out, inp in shapes.values()))
+    try:
+        chosen, assignment = assign({n: {c: (costs[n][c], sensitivity[n][c]) for c in candidates} for n in shapes},
+                                    budget)
+    except InfeasibleBudget as error:
+        raise InfeasibleBudget(f"mixed {mixed.budget.describe()}: {error}") from None
+    return MixedPlan(chosen, {n: candidates[c] for n, c in chosen.items()}, sensitivity, costs, assignment)

@@ -123,7 +123,7 @@ class HealthEvent:
 # results.json only when measured.
 LAYER_STATISTICS = ("rel_loss", "rtn_rel_loss", "damp", "seconds", "h_cond", "h_diag_spread", "input_absmax",
                     "outlier_ratio", "n_tokens")
-OPTIONAL_LAYER_STATISTICS = ("heldout_rel_loss", "code_min", "code_max")
+OPTIONAL_LAYER_STATISTICS = ("heldout_rel_loss", "code_min", "code_max", "awq_alpha", "bits", "scheme", "sensitivity")
 
 
 @dataclass(frozen=True)
@@ -140,6 +140,10 @@ class LayerStats:
     heldout_rel_loss: Optional[float] = None
     code_min: Optional[int] = None
     code_max: Optional[int] = None
+    awq_alpha: Optional[float] = None        # AWQ's chosen exponent: s = mean|x|^alpha (method awq, awq: true)
+    bits: Optional[int] = None               # a mixed scheme's assigned width for this layer
+    scheme: Optional[str] = None             # ... and the candidate it is
+    sensitivity: Optional[dict] = None       # ... and every candidate's estimated loss (the knapsack's input)
 
     def __post_init__(self):
         _normalise_floats(self)

@@ -56,7 +56,8 @@ def make_results(model, ppl_by_scheme, gptq_of=None, tasks=True, layers=True, sw
             tasks={"verb_tense": TaskResult(acc=0.9 - 0.05 * i, acc_stderr=0.02, n=300)} if tasks else {},
             nan_count=0, **sizes,
             layers={n: LayerStats(rel_loss=2.0 ** -preset.bits * (j + 1), rtn_rel_loss=2.0 ** -preset.bits * (j + 2),
-                                  damp=0.01) for j, n in enumerate(linear_names)} if quantized and layers else {},
+                                  damp=0.01, **(mixed_layer(j) if name in gptq_of else {}))
+                    for j, n in enumerate(linear_names)} if quantized and layers else {},
         )
     sweeps = ()
     if sweep and layers:
@@ -74,6 +75,13 @@ def make_results(model, ppl_by_scheme, gptq_of=None, tasks=True, layers=True, sw
                      results=results, sweeps=sweeps, report={"ppl_gap_thresholds": list(thresholds)},
                      model={"params_linear": first.params_linear, "params_total": first.params_total,
                             **decode_workload(model.module)})
+
+
+def mixed_layer(j):
+    """A mixed-precision assignment for layer j (the mixed_precision plot's data): alternately 3 and 8 bits."""
+    chosen = "int3-g64" if j % 2 else "int8-per-channel"
+    return {"bits": 3 if j % 2 else 8, "scheme": chosen,
+            "sensitivity": {"int3-g64": 1e-2 * (j + 1), "int4-g64": 2e-3 * (j + 1), "int8-per-channel": 1e-5 * (j + 1)}}
 
 
 SEVEN = {"fp32": 10.0, "fp16": 10.01, "int8-per-tensor": 10.3, "int8-per-channel": 10.1,

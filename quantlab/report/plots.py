@@ -19,6 +19,7 @@ from pathlib import Path
 from quantlab.analysis import is_number, pareto_frontier, scheme_method, scheme_order, scheme_results, usable
 from quantlab.files import write_bytes
 from quantlab.report import calibration_data as _calibration_data
+from quantlab.report import mixed_precision as _mixed_precision
 from quantlab.report.heatmap import MAX_LAYER_ROWS, layer_values, natural_key, plot_per_layer  # noqa: F401
 from quantlab.report.units import _fmt_bytes
 from quantlab.roofline import (KERNEL_LABELS, attainable_gflops, decode_intensity, decode_seconds, measure_machine,
@@ -26,7 +27,7 @@ from quantlab.roofline import (KERNEL_LABELS, attainable_gflops, decode_intensit
 
 log = logging.getLogger("quantlab")
 
-PLOTS = ("pareto", "accuracy", "calibration_size", "per_layer", "roofline", "calibration_data")
+PLOTS = ("pareto", "accuracy", "calibration_size", "per_layer", "roofline", "calibration_data", "mixed_precision")
 
 PLOT_CAPTIONS = {
     "pareto": "Size against perplexity, with ± 1 standard error of each perplexity over evaluation windows "
@@ -48,6 +49,7 @@ PLOT_CAPTIONS = {
                 "block Linears with torch's float32 F.linear and its int8 and INT4 weight-only CPU kernels, "
                 "at the intensity of the bytes each reads and the GFLOP/s it reached.",
     "calibration_data": _calibration_data.CAPTION,
+    "mixed_precision": _mixed_precision.CAPTION,
 }
 
 METHOD_COLOURS = {"float": "tab:gray", "rtn": "tab:blue", "gptq": "tab:red"}
@@ -398,6 +400,7 @@ def make_plots(results, out_dir, which=None, machine=None) -> dict:
         "per_layer": lambda path: plot_per_layer(results, path),
         "roofline": lambda path: _draw_roofline(results, machine, path),
         "calibration_data": lambda path: _calibration_data.plot_calibration_data(results, path, _figure, _save_png),
+        "mixed_precision": lambda path: _mixed_precision.plot_mixed_precision(results, path, _figure, _save_png),
     }
     written = {name: drawers[name](out_dir / f"{name}.png") for name in names}
     return {name: path for name, path in written.items() if path is not None}

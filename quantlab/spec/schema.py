@@ -29,7 +29,7 @@ from quantlab.spec.located import (Ctx, Located, SpecError, check_keys, dataclas
 from quantlab.spec.schemes import parse_schemes
 
 DEFAULT_KEEP = list(KEEP_KINDS)
-PLOTS = ("pareto", "accuracy", "calibration_size", "per_layer", "roofline", "calibration_data")
+PLOTS = ("pareto", "accuracy", "calibration_size", "per_layer", "roofline", "calibration_data", "mixed_precision")
 SWEEPABLE = ("calibration.samples", "calibration.seq_len", "calibration.heldout_samples", "calibration.dataset", "seed")
 STRING_SWEEPS = ("calibration.dataset",)   # swept over names; the others over integers
 # The pytest markers a spec may put on its tests: pytest.ini's (real_model, slow) and the ones quantlab's
