@@ -2,7 +2,7 @@
 stored (and therefore evaluated) in float16.
 
 One function, ``deployable_bytes``, answers "how big is this model" for every scheme, and
-``round_kept_modules`` makes the evaluated model the deployed one, from the same rule
+``kept_module_values`` makes the evaluated model the deployed one, from the same rule
 (``float_element_bytes``): quantized Linears at their packed size (codes + scales + zeros + g_idx,
 ``QTensor.nbytes``); under a float scheme every parameter at that dtype; under an integer scheme the
 module kinds in the spec's ``keep`` (embeddings, lm_head, norms) and Linear biases in float16, and the
@@ -48,15 +48,13 @@ def float_element_bytes(model, keep, scheme) -> dict:
     return sizes
 
 
-def round_kept_modules(model, quantized_linears, keep) -> None:
-    """Round the float parameters stored in float16 (see float_element_bytes) through float16, so the
-    evaluated model is the deployed one. Called on a quantized copy only, never on the caller's model."""
+def kept_module_values(model, quantized_linears, keep) -> dict:
+    """The float parameters stored in float16 (see float_element_bytes), by parameter name, as float16
+    tensors: what the deployed model holds, so that it is the one evaluated. The model is not changed."""
     sizes = float_element_bytes(model, keep, None)
     quantized = {id(model.module.get_submodule(n).weight) for n in quantized_linears}
-    with torch.no_grad():
-        for p in model.module.parameters():
-            if id(p) not in quantized and sizes.get(id(p)) == 2:
-                p.copy_(p.to(torch.float16).to(p.dtype))
+    return {name: p.detach().to(torch.float16) for name, p in model.module.named_parameters()
+            if id(p) not in quantized and sizes.get(id(p)) == 2 and p.dtype != torch.float16}
 
 
 def deployable_bytes(model, qtensors: dict, scheme, keep, linear_nbytes: Optional[dict] = None) -> dict:

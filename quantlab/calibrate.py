@@ -10,7 +10,17 @@ The pipeline follows the reference GPTQ code's ``opt_sequential``:
    earlier groups already quantized ("true-sequential"), so a layer learns to compensate for the
    error the layers before it make. A Linear called more than once in a block (shared weights) gets
    every call's inputs in its one Hessian and is quantized once.
-3. Run the block again with its quantized weights; its outputs are the next block's inputs.
+3. The block's outputs, computed with its quantized weights, are the next block's inputs.
+
+Steps 2 and 3 are one pass: each calibration batch runs through the block once, on a thread of its
+own that pauses at each group's input until that group is quantized (``_PausedRun``), so every Linear
+runs once per batch with its final weights (benchmarks/bench_calibrate.py counts the passes). Blocks
+that call a Linear more than once per run fall back to rerunning the block up to each group.
+
+The result is not a copy of the model: ``QuantizedModel`` keeps the quantized weights (QTensors, and
+float16 values for the kept modules) beside the float model, and its ``model`` computes with them
+swapped in around each call (quantlab.swap). While a block is being quantized its Linears hold their
+quantized weights in the float model itself, and get their float weights back when the block is done.
 
 RTN goes through the same pipeline, so when calibration tokens are given its per-layer losses are
 measured on the same Hessians as GPTQ's: the two are compared like for like.
@@ -26,6 +36,7 @@ import math
 import threading
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Optional, Union
 
 import torch
@@ -33,8 +44,9 @@ from tqdm.auto import tqdm
 
 from quantlab.gptq import all_finite, gptq_quantize, relative_loss, torch_threads
 from quantlab.models.base import LanguageModel
-from quantlab.accounting import KEEP_KINDS, deployable_bytes, round_kept_modules
+from quantlab.accounting import KEEP_KINDS, deployable_bytes, kept_module_values
 from quantlab.quant import FLOAT_DTYPES, FloatScheme, Scheme, quantize_rtn
+from quantlab.swap import SwappedModel, Values, materialize
 
 # How a scheme's values are chosen: a float scheme is a cast ("float"); an integer scheme's codes come
 # from round-to-nearest or the GPTQ solver. The spec's `method` key takes exactly these names.
@@ -46,10 +58,13 @@ LAYER_STATISTICS = ("rel_loss", "rtn_rel_loss", "damp", "seconds", "h_cond", "h_
 
 @dataclass
 class QuantizedModel:
-    """A quantized copy of a model and what quantizing it measured.
+    """A quantization of a model and what quantizing it measured, beside the float model, not a copy of it.
 
-    model:    a copy of the input model whose block Linears hold the dequantized weights.
+    base:     the model that was quantized; its parameters are not changed.
     qtensors: the deployable quantized weights, by module name (empty for float schemes).
+    replaced: the other parameters the scheme changes, by parameter name, in the dtype they are stored
+              in: the kept modules' float16 values under an integer scheme, every parameter under a float
+              scheme.
     layers:   per-layer statistics by module name: rel_loss, rtn_rel_loss, heldout_rel_loss (with
               held-out tokens), damp, seconds, h_cond, h_diag_spread, input_absmax, outlier_ratio,
               n_tokens. A statistic that was not measured is None.
@@ -58,14 +73,43 @@ class QuantizedModel:
               params_linear, params_total.
     """
 
-    model: LanguageModel
+    base: LanguageModel
     scheme: Union[Scheme, FloatScheme]
     method: str
     qtensors: dict = field(default_factory=dict)   # name -> quantlab.quant.QTensor
+    replaced: dict = field(default_factory=dict)   # parameter name -> torch.Tensor (its stored dtype)
     layers: dict = field(default_factory=dict)
     health: list = field(default_factory=list)
     seconds: float = 0.0
     bytes: dict = field(default_factory=dict)
+    weights_in_base: bool = False   # base already holds these weights (an imported checkpoint's model)
+    # While a block is quantized, its quantized Linears compute with their new weights in the base model
+    # (later groups' inputs need them); their float weights wait here and go back when the block is done.
+    _float_weights: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @cached_property
+    def model(self) -> LanguageModel:
+        """The quantized model to evaluate: the float model computing with these weights, swapped in
+        around each call (quantlab.swap), so no scheme costs a copy of the model."""
+        return self.base if self.weights_in_base else SwappedModel(self.base, self.values())
+
+    def values(self) -> Values:
+        """What quantlab.swap swaps in: every quantized Linear's dequantized weight and the replaced
+        parameters, on the float parameter's device and in its dtype."""
+        values = {f"{name}.weight": lambda data, qtensor=qtensor: qtensor.dequantize().to(data.device, data.dtype)
+                  for name, qtensor in self.qtensors.items()}
+        values.update({name: lambda data, stored=stored: stored.to(data.device, data.dtype)
+                       for name, stored in self.replaced.items()})
+        return values
+
+    def materialize(self) -> LanguageModel:
+        """A copy of the model that holds these weights in its own parameters: one model's memory, for
+        what reads parameters rather than running the model (exporting a checkpoint)."""
+        if self.weights_in_base:
+            return self.base
+        model = copy_model(self.base)
+        materialize(model.module, self.values())
+        return model
 
     def mean(self, statistic: str = "rel_loss") -> Optional[float]:
         """Mean of a per-layer statistic over the layers that have it (None when none do)."""
@@ -363,10 +407,10 @@ def quantize_model(model: LanguageModel, scheme: Union[Scheme, FloatScheme], cal
     if method is None:
         method = "float" if isinstance(scheme, FloatScheme) else "rtn"
     _validate(model, scheme, calibration, heldout, method, batch_size)
-    quantized = QuantizedModel(model=_copy_model(model), scheme=scheme, method=method)
+    quantized = QuantizedModel(base=model, scheme=scheme, method=method)
     with torch.no_grad():
         if isinstance(scheme, FloatScheme):
-            _round_to_float(quantized, scheme)
+            quantized.replaced = _float_values(model, scheme)
         else:
             if calibration is not None and calibration.shape[0] == 0:
                 calibration = None
@@ -374,8 +418,8 @@ def quantize_model(model: LanguageModel, scheme: Union[Scheme, FloatScheme], cal
                 heldout = None   # held-out error is measured on the calibration pipeline's Hessians
             solver = dict(damp=damp, block_size=block_size, act_order=act_order, static_groups=static_groups)
             _quantize_blocks(quantized, calibration, heldout, solver, batch_size, progress)
-            round_kept_modules(quantized.model, set(quantized.qtensors), keep)
-        quantized.bytes = deployable_bytes(quantized.model, quantized.qtensors, scheme, keep)
+            quantized.replaced = kept_module_values(model, set(quantized.qtensors), keep)
+        quantized.bytes = deployable_bytes(model, quantized.qtensors, scheme, keep)
     quantized.seconds = time.perf_counter() - started
     return quantized
 
@@ -415,7 +459,7 @@ def _validate(model, scheme, calibration, heldout, method, batch_size) -> None:
                              "were they encoded with this model's tokenizer?")
 
 
-def _copy_model(model: LanguageModel) -> LanguageModel:
+def copy_model(model: LanguageModel) -> LanguageModel:
     """The model with its own copy of the weights; tokenizers and other fields are shared, read-only."""
     memo = {}
     module = copy.deepcopy(model.module, memo)
@@ -424,17 +468,15 @@ def _copy_model(model: LanguageModel) -> LanguageModel:
     return dataclasses.replace(model, module=module, blocks=memo[id(model.blocks)])
 
 
-def _round_to_float(quantized: QuantizedModel, scheme: FloatScheme) -> None:
-    """A float scheme stores every parameter in its dtype: round them all through it."""
+def _float_values(model: LanguageModel, scheme: FloatScheme) -> dict:
+    """A float scheme stores every parameter in its dtype: those that are not already in it, rounded."""
     dtype = FLOAT_DTYPES[scheme.dtype]
-    module = quantized.model.module
-    for p in module.parameters():
-        p.copy_(p.to(dtype).to(p.dtype))
+    return {name: p.detach().to(dtype) for name, p in model.module.named_parameters() if p.dtype != dtype}
 
 
 def _quantize_blocks(quantized: QuantizedModel, calibration, heldout, solver: dict, batch_size: int,
                      progress: bool) -> None:
-    model = quantized.model
+    model = quantized.base
     calibration_batches = _first_block_inputs(model, calibration, batch_size)
     heldout_batches = _first_block_inputs(model, heldout, batch_size)
     blocks = tqdm(range(len(model.blocks)), desc=f"{quantized.method} {quantized.scheme.describe()}",
@@ -451,8 +493,11 @@ def _quantize_blocks(quantized: QuantizedModel, calibration, heldout, solver: di
             step = _quantize_block_in_one_pass
         else:
             step = _quantize_block_by_reruns
-        calibration_batches, heldout_batches = step(quantized, b, groups, calibration_batches, heldout_batches,
-                                                    solver)
+        try:
+            calibration_batches, heldout_batches = step(quantized, b, groups, calibration_batches,
+                                                        heldout_batches, solver)
+        finally:
+            _restore_float_weights(quantized)
 
 
 def _quantize_block_in_one_pass(quantized: QuantizedModel, block_index: int, groups: list,
@@ -469,7 +514,7 @@ def _quantize_block_in_one_pass(quantized: QuantizedModel, block_index: int, gro
     The price is memory: every batch's paused activations are alive at once (about what the group's
     inputs for the whole calibration set take).
     """
-    model = quantized.model
+    model = quantized.base
     group_of = {model.module.get_submodule(name): g for g, group in enumerate(groups) for name in group.names}
     runs = [_PausedRun(model, block_index, batch) for batch in calibration_batches + heldout_batches]
     calibration_runs, heldout_runs = runs[:len(calibration_batches)], runs[len(calibration_batches):]
@@ -523,7 +568,7 @@ def _quantize_block_by_reruns(quantized: QuantizedModel, block_index: int, group
     call's inputs before it is quantized, so the block cannot stop there and go on. Costs about one
     block pass per group, plus one to propagate.
     """
-    model = quantized.model
+    model = quantized.base
     for group in groups:
         inputs = _collect_inputs(model, block_index, group, calibration_batches)
         heldout_inputs = _collect_inputs(model, block_index, group, heldout_batches) if heldout_batches else None
@@ -537,7 +582,7 @@ def _quantize_layer(quantized: QuantizedModel, name: str, inputs: Optional[Input
                     heldout_inputs: Optional[InputStatistics], solver: dict, calibrated: bool) -> None:
     """Quantize one Linear of the copied model (its weight is overwritten) and record its statistics.
     ``seconds`` is the quantization itself (the GPTQ solve or RTN), not the statistics around it."""
-    linear = quantized.model.module.get_submodule(name)
+    linear = quantized.base.module.get_submodule(name)
     W = linear.weight.detach()
     layer = dict.fromkeys(LAYER_STATISTICS)
     if heldout_inputs is not None:
@@ -568,9 +613,18 @@ def _quantize_layer(quantized: QuantizedModel, name: str, inputs: Optional[Input
             qtensor, layer["rel_loss"], layer["seconds"] = rtn, layer["rtn_rel_loss"], rtn_seconds
         if heldout_inputs is not None and heldout_inputs.n_tokens:
             layer["heldout_rel_loss"] = _finite_or_none(relative_loss(W, qtensor.dequantize(), heldout_inputs.hessian))
-    linear.weight.copy_(qtensor.dequantize().to(linear.weight.dtype))
+    # The rest of the block computes with the quantized weight: the float one is put back afterwards.
+    quantized._float_weights.setdefault(name, linear.weight.data)
+    linear.weight.data = qtensor.dequantize().to(linear.weight.dtype)
     quantized.qtensors[name] = qtensor
     quantized.layers[name] = layer
+
+
+def _restore_float_weights(quantized: QuantizedModel) -> None:
+    """Give the base model back the float weights of the Linears quantized so far (errors included)."""
+    for name, weight in quantized._float_weights.items():
+        quantized.base.module.get_submodule(name).weight.data = weight
+    quantized._float_weights.clear()
 
 
 def _finite_or_none(value: Optional[float]) -> Optional[float]:

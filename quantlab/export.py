@@ -230,7 +230,7 @@ def export_compressed_tensors(quantized, out_dir, *, tokenizer_source=None, over
         raise ValueError(f"cannot export {quantized.scheme.describe()} with act-order groups (g_idx) as "
                          f"{COMPRESSED_TENSORS}: transformers cannot load asymmetric weights with weight_g_idx; "
                          "quantize with symmetric: true, static_groups: true or act_order: false")
-    module = quantized.model.module
+    module = quantized.materialize().module   # a model holding the deployed values (kept modules in float16)
     names = sorted(quantized.qtensors)
     state = {k: v for k, v in module.state_dict().items()}
     bytes_quantized = 0
@@ -418,7 +418,7 @@ def export_gguf(quantized, path) -> ExportInfo:
     if any(qt.g_idx is not None for qt in quantized.qtensors.values()):
         raise ValueError("GGUF blocks are consecutive columns: act-order groups (g_idx) cannot be stored; "
                          "quantize with static_groups: true or act_order: false")
-    module, scheme = quantized.model.module, quantized.scheme
+    module, scheme = quantized.materialize().module, quantized.scheme
     cfg = module.config
     qtype = gguf.GGMLQuantizationType.Q4_0 if scheme.bits == 4 else gguf.GGMLQuantizationType.Q8_0
     path = Path(path).resolve()

@@ -1,7 +1,8 @@
 """The byte accountant: one answer to "how big is this deployed model", for every scheme and keep."""
 import pytest
+import torch
 
-from quantlab.accounting import deployable_bytes, float_element_bytes, round_kept_modules
+from quantlab.accounting import deployable_bytes, float_element_bytes, kept_module_values
 from quantlab.calibrate import quantize_model
 from quantlab.quant import PRESETS, quantize_rtn
 
@@ -30,16 +31,17 @@ def test_integer_schemes_count_packed_linears_and_kept_kinds_in_float16(minigpt)
     assert dropped["bytes_total"] - kept["bytes_total"] == 2 * other_fp32 > 0
 
 
-def test_kept_modules_are_rounded_through_float16_and_quantized_weights_are_left_alone(make_minigpt):
+def test_kept_modules_are_stored_in_float16_quantized_weights_left_out_and_the_model_unchanged(make_minigpt):
     model = make_minigpt()
     before = {n: p.detach().clone() for n, p in model.module.named_parameters()}
     quantized = set(model.all_linear_names())
-    round_kept_modules(model, quantized, keep=["embeddings", "lm_head", "norms"])
+    values = kept_module_values(model, quantized, keep=["embeddings", "lm_head", "norms"])
     for name, p in model.module.named_parameters():
+        assert p.equal(before[name])
         if name.removesuffix(".weight") in quantized:
-            assert p.equal(before[name])
+            assert name not in values
         else:
-            assert p.equal(before[name].half().float())
+            assert values[name].dtype == torch.float16 and values[name].float().equal(before[name].half().float())
 
 
 def test_quantize_model_reports_the_accountants_bytes_for_the_keep_it_was_given(minigpt):

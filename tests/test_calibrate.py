@@ -12,7 +12,7 @@ from quantlab.calibrate import InputStatistics, _input_groups, quantize_model
 from quantlab.gptq import gptq_quantize, relative_loss
 from quantlab.models.base import LanguageModel
 from quantlab.models.minigpt import CHECKPOINT_DIR, load_checkpoint
-from quantlab.quant import PRESETS, Scheme, quantize_rtn
+from quantlab.quant import PRESETS, FloatScheme, Scheme, quantize_rtn
 
 INT4_G16 = Scheme(4, group_size=16)
 
@@ -60,12 +60,43 @@ def test_input_model_is_untouched(minigpt, gptq_result, make_minigpt):
 
 def test_block_linears_hold_the_dequantized_weights(minigpt, gptq_result):
     assert set(gptq_result.qtensors) == set(minigpt.all_linear_names())
+    materialized = gptq_result.materialize()
     for name, qtensor in gptq_result.qtensors.items():
-        assert torch.equal(gptq_result.model.module.get_submodule(name).weight, qtensor.dequantize())
+        assert torch.equal(materialized.module.get_submodule(name).weight, qtensor.dequantize())
+
+
+@pytest.mark.parametrize("scheme, method", [(PRESETS["int4-g64"], "gptq"), (PRESETS["fp16"], "float"),
+                                            (FloatScheme("bfloat16"), "float")])
+def test_the_quantized_model_computes_with_swapped_in_weights_exactly_as_a_copy_holding_them(minigpt, scheme, method):
+    # No copy per scheme: the float model computes with the quantized weights swapped in per call.
+    result = quantize_model(minigpt, scheme, random_tokens(4), method=method)
+    before = {name: (p.data_ptr(), p.detach().clone()) for name, p in minigpt.module.named_parameters()}
+    assert result.model.module is minigpt.module
+    with torch.no_grad():
+        swapped = result.model.logits(random_tokens(2, seed=3))
+        copied = result.materialize().logits(random_tokens(2, seed=3))
+        float_logits = minigpt.logits(random_tokens(2, seed=3))
+    assert torch.equal(swapped, copied)
+    assert not torch.equal(swapped, float_logits)
+    for name, p in minigpt.module.named_parameters():   # back to the float weights, in the same storage
+        assert p.data_ptr() == before[name][0] and torch.equal(p, before[name][1]), name
+
+
+def test_a_call_that_fails_inside_the_model_still_gives_the_float_weights_back(minigpt, gptq_result):
+    before = {name: p.detach().clone() for name, p in minigpt.module.named_parameters()}
+    handle = minigpt.module.get_submodule("blocks.1.mlp.c_proj").register_forward_pre_hook(
+        lambda module, args: (_ for _ in ()).throw(RuntimeError("fails mid-model")))
+    try:
+        with pytest.raises(RuntimeError, match="fails mid-model"), torch.no_grad():
+            gptq_result.model.logits(random_tokens(2))
+    finally:
+        handle.remove()
+    for name, p in minigpt.module.named_parameters():
+        assert torch.equal(p, before[name]), name
 
 
 def test_embeddings_norms_and_lm_head_are_not_quantized_only_stored_in_float16(minigpt, gptq_result):
-    quantized = dict(gptq_result.model.module.named_parameters())
+    quantized = dict(gptq_result.materialize().module.named_parameters())
     for name, p in minigpt.module.named_parameters():
         if not any(name.startswith(linear + ".weight") for linear in gptq_result.qtensors):
             assert torch.equal(quantized[name], p.half().float()), name
@@ -91,7 +122,7 @@ def test_float_schemes_round_through_their_dtype(minigpt, preset, element_bytes)
     result = quantize_model(minigpt, PRESETS[preset], None)
     weight = minigpt.module.get_submodule("blocks.0.mlp.c_fc").weight
     dtype = {"fp16": torch.float16, "fp32": torch.float32}[preset]
-    assert torch.equal(result.model.module.get_submodule("blocks.0.mlp.c_fc").weight, weight.to(dtype).float())
+    assert torch.equal(result.materialize().module.get_submodule("blocks.0.mlp.c_fc").weight, weight.to(dtype).float())
     assert result.qtensors == {}
     assert result.bytes["bytes_total"] == element_bytes * sum(p.numel() for p in minigpt.module.parameters())
 

@@ -220,6 +220,25 @@ def test_cached_and_recomputed_baseline_give_the_same_kl(make_minigpt):
         evaluate(quantized, plan, recomputed)["kld_mean"], rel=1e-6)
 
 
+def test_a_scheme_and_a_recomputed_baseline_sharing_one_float_model_each_compute_with_their_own_weights(
+        make_minigpt):
+    # Quantized schemes swap their weights into the one float model per call (quantlab.swap): a baseline
+    # recomputed between a scheme's batches must still see the float weights, and the scheme its own.
+    from quantlab.calibrate import quantize_model
+    from quantlab.quant import PRESETS
+
+    model = make_minigpt()
+    plan = EvalPlan(random_bytes(300), seq_len=64, batch_size=2)
+    baseline = quantize_model(model, PRESETS["fp32"], None)
+    int4 = quantize_model(model, PRESETS["int4-g64"], None)
+    shared = evaluate(int4.model, plan, BaselineLogProbs(baseline.model, plan, max_cached_bytes=0))
+    copied_model = int4.materialize()
+    separate = evaluate(copied_model, plan, BaselineLogProbs(make_minigpt(), plan, max_cached_bytes=0))
+    assert shared["kld_mean"] > 0
+    assert shared["kld_mean"] == pytest.approx(separate["kld_mean"], rel=1e-6)
+    assert shared["ppl"] == pytest.approx(separate["ppl"], rel=1e-6)
+
+
 def test_baseline_for_other_windows_is_refused(make_minigpt):
     model = make_minigpt()
     baseline = BaselineLogProbs(model, EvalPlan(random_bytes(128, seed=0), seq_len=64))

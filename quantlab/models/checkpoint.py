@@ -369,7 +369,8 @@ def _assemble(directory: Path, gguf_file: Optional[str], qtensors: dict, scheme:
     file_bytes = linear_nbytes or {name: _file_nbytes(qt) for name, qt in qtensors.items()}
     bytes_ = deployable_bytes(model, qtensors, scheme, KEEP_KINDS, linear_nbytes=file_bytes)
     bytes_["bytes_on_disk"] = sum(f.stat().st_size for f in weight_files)
-    return QuantizedModel(model=model, scheme=scheme, method=kind, qtensors=qtensors, bytes=bytes_)
+    return QuantizedModel(base=model, scheme=scheme, method=kind, qtensors=qtensors, bytes=bytes_,
+                          weights_in_base=True)
 
 
 def _file_nbytes(qt: QTensor) -> int:

@@ -1,0 +1,113 @@
+"""A model computing with other values for some of its parameters, swapped in around each call: no model copy.
+
+A quantized model differs from its float model in a few kinds of parameters: the block Linear weights
+(held as QTensors, dequantized on demand) and, under some schemes, float parameters rounded through a
+smaller dtype. Holding a dequantized copy of the whole model per scheme doubles the memory a run needs;
+``SwappedModel`` instead gives the float model those values only while it computes, and only where
+it computes:
+
+- a parameter of a module inside a decoder block is swapped in when that module is called and swapped
+  back when it returns (blocks call their submodules, so this always takes effect), so at most one
+  module's weights exist twice at any time;
+- any other parameter (embeddings, the final norm, the head: some models read these directly rather than
+  by calling the module) is swapped in for the whole call into the model.
+
+Outside a call the float model is exactly as it was, so any number of quantizations of one model can be
+evaluated one after another, including a baseline computed between another scheme's batches.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+# parameter name (as in module.named_parameters()) -> a function of the float parameter's data giving
+# the values to compute with (same shape; the function places them on its device and dtype)
+Values = dict[str, Callable[[torch.Tensor], torch.Tensor]]
+
+
+class SwappedModel:
+    """``base`` (a quantlab LanguageModel) computing with ``values`` in place of its parameters'.
+
+    It answers every LanguageModel attribute from ``base``; the entry points that compute
+    (``logits``, ``run_block``, ``block_inputs``, and ``head`` where the model has one) swap the values
+    in for the duration of the call. Reading ``module``'s parameters outside those calls gives the
+    float model's: to hold the quantized weights in a module of its own, use
+    ``quantlab.calibrate.QuantizedModel.materialize``.
+    """
+
+    def __init__(self, base, values: Values):
+        self.base, self.values = base, values
+
+    def __getattr__(self, name: str):
+        return getattr(self.base, name)
+
+    def logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        with swapped(self.base, self.values):
+            return self.base.logits(tokens)
+
+    def run_block(self, block_index: int, hidden: torch.Tensor, kwargs) -> torch.Tensor:
+        with swapped(self.base, self.values):
+            return self.base.run_block(block_index, hidden, kwargs)
+
+    def block_inputs(self, tokens: torch.Tensor):
+        with swapped(self.base, self.values):
+            return self.base.block_inputs(tokens)
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        with swapped(self.base, self.values):
+            return self.base.head(hidden)
+
+
+@contextlib.contextmanager
+def swapped(model, values: Values) -> Iterator[None]:
+    """Inside, ``model.module`` computes with ``values`` (module docstring: which are swapped per
+    module call and which for the whole block of code). Restored on the way out, errors included."""
+    if not values:
+        yield
+        return
+    module = model.module
+    params = dict(module.named_parameters())
+    unknown = sorted(set(values) - set(params))
+    if unknown:
+        raise KeyError(f"{model.name} has no parameter {unknown[0]} to swap")
+    wanted = {id(params[name]): value for name, value in values.items()}
+    in_blocks = {id(p) for block in model.blocks for p in block.parameters()}
+    saved: dict = {}   # id(parameter) -> (parameter, its float data)
+
+    def swap_in(parameters) -> None:
+        for p in parameters:
+            if id(p) not in saved:
+                saved[id(p)] = (p, p.data)
+                p.data = wanted[id(p)](p.data)
+
+    def swap_out(parameters) -> None:
+        for p in parameters:
+            if id(p) in saved:
+                p.data = saved.pop(id(p))[1]
+
+    handles = []
+    for block in model.blocks:
+        for owner in block.modules():
+            owned = [p for p in owner.parameters(recurse=False) if id(p) in wanted]
+            if owned:
+                handles.append(owner.register_forward_pre_hook(lambda m, args, owned=owned: swap_in(owned)))
+                handles.append(owner.register_forward_hook(lambda m, args, out, owned=owned: swap_out(owned)))
+    outside = [params[name] for name in values if id(params[name]) not in in_blocks]
+    try:
+        swap_in(outside)
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        swap_out([p for p, _ in list(saved.values())])   # a call that raised leaves its module swapped in
+
+
+def materialize(module: nn.Module, values: Values) -> None:
+    """Write ``values`` into ``module``'s parameters, in place (for a copy that is to hold them)."""
+    params = dict(module.named_parameters())
+    with torch.no_grad():
+        for name, value in values.items():
+            params[name].data = value(params[name].data)
