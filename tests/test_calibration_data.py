@@ -209,3 +209,15 @@ def test_the_health_check_fails_on_duplicate_windows_unless_allowed():
     outcome = check(strict, results, spec_with())
     assert not outcome.passed and detail in outcome.message
     assert check(lenient, results, spec_with()).passed
+
+
+def test_the_interpretation_names_the_best_and_worst_corpus():
+    from quantlab.report.page import interpretation
+
+    results = {"baseline": "fp32", "schemes": {"fp32": {"method": "float"}, "g": {"method": "gptq"}},
+               "results": {"fp32": {"ppl": 5.6}, "g": {"ppl": 5.7}},
+               "sweeps": [{"key": "calibration.dataset", "values": CORPORA,
+                           "results": [{"g": {"ppl": p, "kld_mean": k}} for p, k in
+                                       ((5.70, 0.004), (5.71, 0.0045), (5.72, 0.006), (5.75, 0.008))]}]}
+    assert ("Calibration corpus, g: the lowest KL divergence comes from shakespeare (0.004), the highest from "
+            "random (0.008, 2x); perplexity spans 5.7 to 5.75.") in interpretation(results)

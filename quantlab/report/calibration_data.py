@@ -98,3 +98,29 @@ def _paired_ppl_error(entry, base_ppl) -> float:
 def _grid_of(results, scheme):
     """The integer grid a scheme quantizes to (its description without the method)."""
     return ((results.get("schemes") or {}).get(scheme) or {}).get("scheme")
+
+
+def calibration_data_sentences(results) -> list:
+    """One sentence per GPTQ scheme of a calibration.dataset sweep: the corpora that gave the lowest and
+    the highest KL divergence (perplexity where KLD is not measured), and the perplexity range."""
+    sweep = dataset_sweep(results)
+    if sweep is None:
+        return []
+    corpora, runs = list(sweep.get("values") or []), list(sweep.get("results") or [])
+    sentences = []
+    for scheme in [s for s in (results.get("results") or {}) if scheme_method(results, s) == "gptq"]:
+        entries = [((run or {}).get(scheme) or {}) for run in runs]
+        metric = "kld_mean" if all(is_number(e.get("kld_mean")) for e in entries) else "ppl"
+        if not entries or not all(is_number(e.get(metric)) for e in entries):
+            continue
+        values = [e[metric] for e in entries]
+        low, high = values.index(min(values)), values.index(max(values))
+        what = "KL divergence" if metric == "kld_mean" else "perplexity"
+        ratio = f", {values[high] / values[low]:.2g}x" if values[low] > 0 else ""
+        sentence = (f"Calibration corpus, {scheme}: the lowest {what} comes from {corpora[low]} "
+                    f"({values[low]:.4g}), the highest from {corpora[high]} ({values[high]:.4g}{ratio})")
+        ppl = [e.get("ppl") for e in entries]
+        if metric != "ppl" and all(is_number(p) for p in ppl):
+            sentence += f"; perplexity spans {min(ppl):.4g} to {max(ppl):.4g}"
+        sentences.append(sentence + ".")
+    return sentences

@@ -22,6 +22,7 @@ import html
 
 from quantlab.analysis import (dominator, gap_of, is_number, pareto_frontier, same_grid_rtn, scheme_meta, scheme_method,
                                scheme_order, scheme_results, usable)
+from quantlab.report.calibration_data import calibration_data_sentences
 from quantlab.report.plots import decode_points, machine_ceilings, measured_kernels
 from quantlab.report.units import MISSING, _fmt_bytes, _fmt_num, _fmt_pct, _fmt_si, _fmt_with_error  # noqa: F401
 from quantlab.roofline import KERNEL_LABELS, attainable_gflops, decode_seconds, ridge_intensity
@@ -128,6 +129,7 @@ def interpretation(results, memory_budget_bytes=None, machine=None) -> list:
     sentences = [_frontier_sentence(results)]
     sentences += _gptq_sentences(results, gap_thresholds(results))
     sentences += _speedup_sentences(results, machine_ceilings(results, machine))
+    sentences += calibration_data_sentences(results)
     if memory_budget_bytes is not None:
         sentences.append(_budget_sentence(results, memory_budget_bytes))
     sentences += _health_sentences(results)
