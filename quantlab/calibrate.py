@@ -45,15 +45,19 @@ from tqdm.auto import tqdm
 from quantlab.gptq import all_finite, gptq_quantize, relative_loss, torch_threads
 from quantlab.models.base import LanguageModel
 from quantlab.accounting import KEEP_KINDS, deployable_bytes, kept_module_values
+from quantlab.awq import awq_search, scaled_hessian
+from quantlab.mixed import MixedScheme, plan_mixed
 from quantlab.quant import FLOAT_DTYPES, FloatScheme, Scheme, quantize_rtn
 from quantlab.swap import SwappedModel, Values, materialize
 
 # How a scheme's values are chosen: a float scheme is a cast ("float"); an integer scheme's codes come
-# from round-to-nearest or the GPTQ solver. The spec's `method` key takes exactly these names.
-METHODS = ("float", "rtn", "gptq")
+# from round-to-nearest, the GPTQ solver, or round-to-nearest after AWQ's scale search ("awq"; GPTQ after
+# it is method "gptq" with awq=True). The spec's `method` key takes exactly these names.
+METHODS = ("float", "rtn", "gptq", "awq")
 # Every layer reports all of these (None when not measured); heldout_rel_loss only with held-out tokens.
+# awq_alpha: AWQ's chosen exponent; bits, scheme, sensitivity: a mixed scheme's choice for the layer.
 LAYER_STATISTICS = ("rel_loss", "rtn_rel_loss", "damp", "seconds", "h_cond", "h_diag_spread", "input_absmax",
-                    "outlier_ratio", "n_tokens")
+                    "outlier_ratio", "n_tokens", "awq_alpha", "bits", "scheme", "sensitivity")
 
 
 @dataclass
@@ -83,6 +87,12 @@ class QuantizedModel:
     seconds: float = 0.0
     bytes: dict = field(default_factory=dict)
     weights_in_base: bool = False   # base already holds these weights (an imported checkpoint's model)
+    # AWQ: each Linear's input scale s (float16, shared by its input group): it computes Q(W s) / s, and the
+    # deployed model stores s beside the codes (quantlab.accounting counts it).
+    input_scales: dict = field(default_factory=dict)
+    layer_schemes: dict = field(default_factory=dict)   # a mixed scheme's Scheme per Linear (quantlab.mixed)
+    mixed_plan: Optional[object] = None                 # ... and the quantlab.mixed.MixedPlan that chose them
+    awq: bool = False                                   # AWQ's scale search runs before each group's codes
     # While a block is quantized, its quantized Linears compute with their new weights in the base model
     # (later groups' inputs need them); their float weights wait here and go back when the block is done.
     _float_weights: dict = field(default_factory=dict, repr=False, compare=False)
@@ -96,11 +106,17 @@ class QuantizedModel:
     def values(self) -> Values:
         """What quantlab.swap swaps in: every quantized Linear's dequantized weight and the replaced
         parameters, on the float parameter's device and in its dtype."""
-        values = {f"{name}.weight": lambda data, qtensor=qtensor: qtensor.dequantize().to(data.device, data.dtype)
-                  for name, qtensor in self.qtensors.items()}
+        values = {f"{name}.weight": lambda data, name=name: self.dequantized(name).to(data.device, data.dtype)
+                  for name in self.qtensors}
         values.update({name: lambda data, stored=stored: stored.to(data.device, data.dtype)
                        for name, stored in self.replaced.items()})
         return values
+
+    def dequantized(self, name: str) -> torch.Tensor:
+        """The weight Linear ``name`` computes with: its codes dequantized, divided by its AWQ input scale."""
+        W = self.qtensors[name].dequantize()
+        scale = self.input_scales.get(name)
+        return W if scale is None else W / scale.to(torch.float32)
 
     def materialize(self) -> LanguageModel:
         """A copy of the model that holds these weights in its own parameters: one model's memory, for
@@ -131,10 +147,10 @@ class InputStatistics:
     differences, so GPTQ golden tolerances come from a measured spread: specs/minigpt/seeds.yaml).
     """
 
-    def __init__(self, in_features: int):
-        self.hessian = torch.zeros(in_features, in_features)   # (in, in)
-        self.channel_absmax = torch.zeros(in_features)          # (in,)
-        self.channel_absmean = torch.zeros(in_features)         # (in,) running mean of |x|: AWQ's activation scale
+    def __init__(self, in_features: int, device=None):
+        self.hessian = torch.zeros(in_features, in_features, device=device)   # (in, in)
+        self.channel_absmax = torch.zeros(in_features, device=device)          # (in,)
+        self.channel_absmean = torch.zeros(in_features, device=device)         # (in,) mean |x|: AWQ's scale
         self.n_tokens = 0
         self._summary = None                                     # computed once, for every Linear of a group
 
@@ -274,7 +290,7 @@ def _collect_inputs(model: LanguageModel, block_index: int, group: InputGroup, b
     """Statistics of what the group's Linears read over all ``batches``, every call included. A group
     called once per run stops each run right after that call: nothing later in the block matters."""
     linear = model.module.get_submodule(group.names[0])
-    stats = InputStatistics(linear.in_features)
+    stats = InputStatistics(linear.in_features, linear.weight.device)
 
     def capture(module, args):
         stats.add(args[0])
@@ -390,10 +406,11 @@ class _PausedRun:
 # The pipeline
 
 
-def quantize_model(model: LanguageModel, scheme: Union[Scheme, FloatScheme], calibration: Optional[torch.Tensor],
+def quantize_model(model: LanguageModel, scheme: Union[Scheme, FloatScheme, MixedScheme], calibration: Optional[torch.Tensor],
                    *, method: Optional[str] = None, damp: float = 0.01, block_size: int = 128,
                    act_order: bool = False, static_groups: bool = False, batch_size: int = 8,
-                   heldout: Optional[torch.Tensor] = None, keep=KEEP_KINDS, progress: bool = False) -> QuantizedModel:
+                   heldout: Optional[torch.Tensor] = None, keep=KEEP_KINDS, progress: bool = False,
+                   awq: bool = False) -> QuantizedModel:
     """Quantize every block Linear of ``model`` (``model.all_linear_names()``); the input model is untouched.
 
     ``method`` is one of METHODS: "float" for a FloatScheme (the default there), "rtn" (the default for
@@ -402,12 +419,21 @@ def quantize_model(model: LanguageModel, scheme: Union[Scheme, FloatScheme], cal
     Under an integer scheme the float module kinds in ``keep`` (embeddings, lm_head, norms) are stored,
     and so rounded, in float16, the others stay float32; ``bytes`` is what the result occupies deployed
     (quantlab.accounting).
+
+    AWQ: ``method="awq"`` (round-to-nearest) or ``awq=True`` with "gptq" searches each input group's scale
+    s with quantlab.awq on the group's calibration statistics and quantizes W s (GPTQ against
+    diag(1/s) H diag(1/s)); the layer computes Q(W s) / s and its float16 s is counted in ``bytes``. A
+    ``MixedScheme`` first measures every Linear's sensitivity on ``calibration`` and chooses each one's
+    candidate under the budget (quantlab.mixed.plan_mixed), then quantizes each with its own grid.
     """
     started = time.perf_counter()
     if method is None:
         method = "float" if isinstance(scheme, FloatScheme) else "rtn"
     _validate(model, scheme, calibration, heldout, method, batch_size)
-    quantized = QuantizedModel(base=model, scheme=scheme, method=method)
+    if awq and method not in ("gptq", "awq"):
+        raise ValueError(f"awq=True applies to method 'gptq' (AWQ then GPTQ); for AWQ then round-to-nearest use "
+                         f"method 'awq', got method {method!r}")
+    quantized = QuantizedModel(base=model, scheme=scheme, method=method, awq=awq or method == "awq")
     with torch.no_grad():
         if isinstance(scheme, FloatScheme):
             quantized.replaced = _float_values(model, scheme)
@@ -416,10 +442,16 @@ def quantize_model(model: LanguageModel, scheme: Union[Scheme, FloatScheme], cal
                 calibration = None
             if calibration is None or (heldout is not None and heldout.shape[0] == 0):
                 heldout = None   # held-out error is measured on the calibration pipeline's Hessians
+            if isinstance(scheme, MixedScheme):
+                if calibration is None:
+                    raise ValueError(f"{scheme.describe()} measures each layer's sensitivity on calibration windows; "
+                                     "give calibration tokens")
+                quantized.mixed_plan = plan_mixed(model, calibration, scheme, batch_size=batch_size)
+                quantized.layer_schemes = quantized.mixed_plan.schemes
             solver = dict(damp=damp, block_size=block_size, act_order=act_order, static_groups=static_groups)
             _quantize_blocks(quantized, calibration, heldout, solver, batch_size, progress)
             quantized.replaced = kept_module_values(model, set(quantized.qtensors), keep)
-        quantized.bytes = deployable_bytes(model, quantized.qtensors, scheme, keep)
+        quantized.bytes = deployable_bytes(model, quantized.qtensors, scheme, keep, input_scales=quantized.input_scales)
     quantized.seconds = time.perf_counter() - started
     return quantized
 
@@ -427,8 +459,8 @@ def quantize_model(model: LanguageModel, scheme: Union[Scheme, FloatScheme], cal
 def _validate(model, scheme, calibration, heldout, method, batch_size) -> None:
     if not isinstance(model, LanguageModel):
         raise TypeError(f"model must be a quantlab LanguageModel (see quantlab.models), got {type(model).__name__}")
-    if not isinstance(scheme, (Scheme, FloatScheme)):
-        raise TypeError(f"scheme must be a quantlab.quant.Scheme or FloatScheme, got {scheme!r}")
+    if not isinstance(scheme, (Scheme, FloatScheme, MixedScheme)):
+        raise TypeError(f"scheme must be a quantlab.quant.Scheme, FloatScheme or quantlab.mixed.MixedScheme, got {scheme!r}")
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     if method != "float" and isinstance(scheme, FloatScheme):
@@ -437,7 +469,7 @@ def _validate(model, scheme, calibration, heldout, method, batch_size) -> None:
     if method == "float" and not isinstance(scheme, FloatScheme):
         raise ValueError(f"method 'float' needs a float scheme (float32, float16, bfloat16); for {scheme.describe()} "
                          "use method 'rtn' or 'gptq'")
-    if isinstance(scheme, Scheme) and (outside := model.weights_outside_linears()):
+    if isinstance(scheme, (Scheme, MixedScheme)) and (outside := model.weights_outside_linears()):
         # Skipping them would report "INT4" for a model whose experts all stayed float16.
         name, shape = outside[0]
         raise ValueError(f"{name} {shape} is not an nn.Linear weight (mixture-of-experts experts kept as one "
@@ -535,11 +567,10 @@ def _quantize_block_in_one_pass(quantized: QuantizedModel, block_index: int, gro
         for phase, group in enumerate(groups):
             for run in runs:
                 run.advance_to(phase)
-            width = model.module.get_submodule(group.names[0]).in_features
-            inputs = _input_statistics(calibration_runs, phase, width)
-            heldout_inputs = _input_statistics(heldout_runs, phase, width) if heldout_runs else None
-            for name in group.names:
-                _quantize_layer(quantized, name, inputs, heldout_inputs, solver, calibrated=True)
+            first = model.module.get_submodule(group.names[0])
+            inputs = _input_statistics(calibration_runs, phase, first.weight)
+            heldout_inputs = _input_statistics(heldout_runs, phase, first.weight) if heldout_runs else None
+            _quantize_group(quantized, group, inputs, heldout_inputs, solver)
         outputs = [run.finish() for run in runs]
     finally:
         for handle in handles:
@@ -551,9 +582,10 @@ def _quantize_block_in_one_pass(quantized: QuantizedModel, block_index: int, gro
     return next_calibration, next_heldout
 
 
-def _input_statistics(runs: list, group_index: int, width: int) -> InputStatistics:
-    """What the runs that stopped at a group read there, added in batch order; the inputs are then let go."""
-    stats = InputStatistics(width)
+def _input_statistics(runs: list, group_index: int, weight: torch.Tensor) -> InputStatistics:
+    """What the runs that stopped at a group read there (``weight``: the group's first Linear's), added
+    in batch order; the inputs are then let go."""
+    stats = InputStatistics(weight.shape[1], weight.device)
     for run in runs:
         if group_index in run.inputs:
             stats.add(run.inputs.pop(group_index))
@@ -572,29 +604,61 @@ def _quantize_block_by_reruns(quantized: QuantizedModel, block_index: int, group
     for group in groups:
         inputs = _collect_inputs(model, block_index, group, calibration_batches)
         heldout_inputs = _collect_inputs(model, block_index, group, heldout_batches) if heldout_batches else None
-        for name in group.names:
-            _quantize_layer(quantized, name, inputs, heldout_inputs, solver, calibrated=True)
+        _quantize_group(quantized, group, inputs, heldout_inputs, solver)
     return (_next_block_inputs(model, block_index, calibration_batches),
             _next_block_inputs(model, block_index, heldout_batches))
+
+
+def _quantize_group(quantized: QuantizedModel, group: InputGroup, inputs: InputStatistics,
+                    heldout_inputs: Optional[InputStatistics], solver: dict) -> None:
+    """Quantize the Linears of one input group; under AWQ, first search the group's shared input scale
+    (quantlab.awq) on its calibration statistics. The search's seconds are shared among the group's layers."""
+    scale, alpha, search_seconds = None, None, 0.0
+    if quantized.awq and inputs.n_tokens and all_finite(inputs.hessian):
+        started = time.perf_counter()
+        weights = [quantized.base.module.get_submodule(name).weight.detach() for name in group.names]
+        result = awq_search(weights, inputs.hessian, inputs.channel_absmean,
+                            quantized.layer_schemes.get(group.names[0], quantized.scheme))
+        alpha = result.alpha
+        # Stored, and so computed with, in float16; alpha = 0 is s = 1: plain RTN/GPTQ, nothing to store.
+        scale = result.scales.to(torch.float16) if alpha > 0 else None
+        search_seconds = (time.perf_counter() - started) / len(group.names)
+    for name in group.names:
+        if scale is not None:
+            quantized.input_scales[name] = scale
+        _quantize_layer(quantized, name, inputs, heldout_inputs, solver, calibrated=True)
+        layer = quantized.layers[name]
+        if alpha is not None:
+            layer["awq_alpha"] = alpha
+            layer["seconds"] = (layer["seconds"] or 0.0) + search_seconds
 
 
 def _quantize_layer(quantized: QuantizedModel, name: str, inputs: Optional[InputStatistics],
                     heldout_inputs: Optional[InputStatistics], solver: dict, calibrated: bool) -> None:
     """Quantize one Linear of the copied model (its weight is overwritten) and record its statistics.
-    ``seconds`` is the quantization itself (the GPTQ solve or RTN), not the statistics around it."""
+    ``seconds`` is the quantization itself (the GPTQ solve or RTN), not the statistics around it.
+    With an AWQ input scale s (``quantized.input_scales``) the codes are those of W s, found against
+    diag(1/s) H diag(1/s); the losses are of W_hat = Q(W s) / s against W and H, and ``rtn_rel_loss`` stays
+    plain RTN's: AWQ's error before (rtn_rel_loss) and after (rel_loss)."""
     linear = quantized.base.module.get_submodule(name)
     W = linear.weight.detach()
+    scheme = quantized.layer_schemes.get(name, quantized.scheme)
     layer = dict.fromkeys(LAYER_STATISTICS)
     if heldout_inputs is not None:
         layer["heldout_rel_loss"] = None
+    plan = quantized.mixed_plan
+    if plan is not None:
+        layer.update(bits=scheme.bits, scheme=plan.chosen[name], sensitivity=dict(plan.sensitivity[name]))
 
     started = time.perf_counter()
-    rtn = quantize_rtn(W, quantized.scheme)
+    rtn = quantize_rtn(W, scheme)
     rtn_seconds = time.perf_counter() - started
+    scale = quantized.input_scales.get(name)
     if inputs is None or inputs.n_tokens == 0:
-        # No Hessian: RTN. Worth an event when calibration was asked for (GPTQ) or given.
+        # No Hessian: RTN. Worth an event when calibration was asked for (GPTQ, AWQ) or given.
         qtensor, layer["seconds"] = rtn, rtn_seconds
-        if quantized.method == "gptq" or calibrated:
+        quantized.input_scales.pop(name, None)
+        if quantized.method in ("gptq", "awq") or calibrated:
             quantized.health.append({"layer": name, "event": "no_calibration_tokens",
                                      "detail": "no calibration tokens reached this layer; used round-to-nearest"})
     else:
@@ -604,19 +668,28 @@ def _quantize_layer(quantized: QuantizedModel, name: str, inputs: Optional[Input
             quantized.health.append({"layer": name, "event": "nan",
                                      "detail": "this layer's calibration inputs contain NaN or Inf"})
         layer["rtn_rel_loss"] = _finite_or_none(relative_loss(W, rtn.dequantize(), H))
+        # AWQ: the problem in the scaled coordinates, W s against the inputs x / s (same output error).
+        s = None if scale is None else scale.to(torch.float32).to(W.device)
+        W_q, H_q = (W, H) if s is None else (W.to(torch.float32) * s, scaled_hessian(H, s))
         if quantized.method == "gptq":
-            result = gptq_quantize(W, H, quantized.scheme, **solver)
+            result = gptq_quantize(W_q, H_q, scheme, **solver)
             qtensor, layer["rel_loss"], layer["damp"], layer["seconds"] = (
                 result.qtensor, result.rel_loss, result.damp, result.seconds)
             quantized.health += [{"layer": name, **event} for event in result.health]
+        elif s is not None:
+            started = time.perf_counter()
+            qtensor = quantize_rtn(W_q, scheme)
+            layer["seconds"] = time.perf_counter() - started
+            layer["rel_loss"] = _finite_or_none(relative_loss(W, qtensor.dequantize() / s, H))
         else:
             qtensor, layer["rel_loss"], layer["seconds"] = rtn, layer["rtn_rel_loss"], rtn_seconds
         if heldout_inputs is not None and heldout_inputs.n_tokens:
-            layer["heldout_rel_loss"] = _finite_or_none(relative_loss(W, qtensor.dequantize(), heldout_inputs.hessian))
+            W_hat = qtensor.dequantize() if s is None else qtensor.dequantize() / s
+            layer["heldout_rel_loss"] = _finite_or_none(relative_loss(W, W_hat, heldout_inputs.hessian))
     # The rest of the block computes with the quantized weight: the float one is put back afterwards.
     quantized._float_weights.setdefault(name, linear.weight.data)
-    linear.weight.data = qtensor.dequantize().to(linear.weight.dtype)
     quantized.qtensors[name] = qtensor
+    linear.weight.data = quantized.dequantized(name).to(linear.weight.dtype)
     quantized.layers[name] = layer
 
 

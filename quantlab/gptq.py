@@ -290,19 +290,21 @@ def _solve(W: torch.Tensor, R: torch.Tensor, order: Optional[torch.Tensor], sche
     n = W.shape[1]
     W_t = (W.t() if order is None else W.t()[order]).contiguous()   # (n, out): columns in solving order
     feedback = torch.zeros_like(W_t)                                 # (n, out): G of (*)
-    codes_t = torch.empty(W_t.shape, dtype=torch.int8 if scheme.qmin < 0 or scheme.qmax < 128 else torch.int16)
+    codes_t = torch.empty(W_t.shape, dtype=torch.int8 if scheme.qmin < 0 or scheme.qmax < 128 else torch.int16,
+                          device=W.device)
     r_diag = R.diagonal()
 
     grids = _GroupGrids()
     dynamic_groups = scheme.granularity == "group" and not static_groups
     if dynamic_groups:
-        group_of_step = torch.arange(n) // scheme.group_size    # groups are runs of the solving order
+        group_of_step = torch.arange(n, device=W.device) // scheme.group_size   # groups: runs of the solving order
         group_starts = range(0, n, scheme.group_size)            # grids are added as the solver reaches them
     else:
         # Scales from the original weights: per tensor or channel that is what a dynamic solver sees
         # anyway (nothing is rounded before column 0); for static groups it is the point.
         grids.add(*compute_scales(W, scheme))
-        group_of_step = group_index(n, scheme) if order is None else group_index(n, scheme)[order]
+        group_of_step = group_index(n, scheme, W.device)
+        group_of_step = group_of_step if order is None else group_of_step[order]
         group_starts = range(0)
     groups = group_of_step.tolist()
 
@@ -340,7 +342,7 @@ def _solve(W: torch.Tensor, R: torch.Tensor, order: Optional[torch.Tensor], sche
     codes = codes_t.t() if order is None else codes_t[torch.argsort(order)].t()   # (out, n), natural order
     g_idx = None
     if dynamic_groups and order is not None:
-        g_idx = torch.empty(n, dtype=torch.long)
+        g_idx = torch.empty(n, dtype=torch.long, device=W.device)
         g_idx[order] = group_of_step
     scales, zeros = grids.stacked()
     return _Solution(QTensor(codes.contiguous(), scales, zeros, scheme, g_idx), loss_damped, error_sq)

@@ -124,11 +124,11 @@ PRESETS = {
 # Pure numerics
 
 
-def group_index(in_features: int, scheme: Scheme) -> torch.Tensor:
+def group_index(in_features: int, scheme: Scheme, device=None) -> torch.Tensor:
     """Group of each input column in natural order: (in,) int64. Tensor/channel: one group."""
     if scheme.granularity == "group":
-        return torch.arange(in_features) // scheme.group_size
-    return torch.zeros(in_features, dtype=torch.long)
+        return torch.arange(in_features, device=device) // scheme.group_size
+    return torch.zeros(in_features, dtype=torch.long, device=device)
 
 
 def fp16_ceil(x: torch.Tensor) -> torch.Tensor:
@@ -151,7 +151,7 @@ def compute_scales(W: torch.Tensor, scheme: Scheme, g_idx: Optional[torch.Tensor
     group's range is the shrink of MSE_SHRINK_GRID with the smallest squared error (module docstring)."""
     W = W.detach().to(torch.float32)
     if g_idx is None:
-        g_idx = group_index(W.shape[1], scheme)
+        g_idx = group_index(W.shape[1], scheme, W.device)
     n_groups = int(g_idx.max()) + 1 if g_idx.numel() else 1
     rows = 1 if scheme.granularity == "tensor" else W.shape[0]
     Wr = W.reshape(1, -1) if scheme.granularity == "tensor" else W
@@ -159,15 +159,15 @@ def compute_scales(W: torch.Tensor, scheme: Scheme, g_idx: Optional[torch.Tensor
     index = gi.expand(rows, -1)
     # Per-group min and max via scatter_reduce: groups need not be contiguous (act-order g_idx).
     # include_self=True with a zero start keeps 0 inside [wmin, wmax], so zero is exactly representable.
-    wmax = torch.zeros(rows, n_groups).scatter_reduce(1, index, Wr, "amax", include_self=True)
-    wmin = torch.zeros(rows, n_groups).scatter_reduce(1, index, Wr, "amin", include_self=True)
+    wmax = torch.zeros(rows, n_groups, device=W.device).scatter_reduce(1, index, Wr, "amax", include_self=True)
+    wmin = torch.zeros(rows, n_groups, device=W.device).scatter_reduce(1, index, Wr, "amin", include_self=True)
     if scheme.scale_search == "absmax":
         return _range_scales(wmin, wmax, scheme)
     # Groups of consecutive columns (every layout but an act-order g_idx) are scored on a (rows, groups,
     # size) view, several times faster than gather/scatter; either way a group's error sums its own
     # elements in their order, so the same group gives the same error inside any matrix.
     size = scheme.group_size if scheme.granularity == "group" else Wr.shape[1]
-    contiguous = torch.equal(index[0], torch.arange(Wr.shape[1]) // size)
+    contiguous = torch.equal(index[0], torch.arange(Wr.shape[1], device=Wr.device) // size)
     score = (lambda sc, ze: _contiguous_group_error(Wr, size, sc, ze, scheme)) if contiguous else \
         (lambda sc, ze: _group_squared_error(Wr, index, sc, ze, scheme))
     best_scales, best_zeros = _range_scales(wmin, wmax, scheme)
@@ -204,7 +204,7 @@ def _group_squared_error(Wr: torch.Tensor, index: torch.Tensor, scales: torch.Te
     z = None if zeros is None else torch.gather(zeros, 1, index)
     codes = quantize(Wr, s, z, scheme.qmin, scheme.qmax)
     squared = (Wr - dequantize(codes, s, z)).square()
-    return torch.zeros(scales.shape, dtype=torch.float32).scatter_add_(1, index, squared)
+    return torch.zeros(scales.shape, dtype=torch.float32, device=scales.device).scatter_add_(1, index, squared)
 
 
 def _contiguous_group_error(Wr: torch.Tensor, size: int, scales: torch.Tensor, zeros: Optional[torch.Tensor],
@@ -307,7 +307,7 @@ class QTensor:
         self.shape = tuple(self.codes.shape)
 
     def group_of_column(self) -> torch.Tensor:
-        return self.g_idx if self.g_idx is not None else group_index(self.shape[1], self.scheme)
+        return self.g_idx if self.g_idx is not None else group_index(self.shape[1], self.scheme, self.codes.device)
 
     def dequantize(self) -> torch.Tensor:
         g = self.group_of_column()
@@ -336,7 +336,7 @@ def quantize_rtn(W: torch.Tensor, scheme: Scheme, g_idx: Optional[torch.Tensor] 
     W = W.detach().to(torch.float32)
     if not torch.isfinite(W).all():
         raise ValueError("weight contains NaN or Inf; it cannot be quantized")
-    g = g_idx if g_idx is not None else group_index(W.shape[1], scheme)
+    g = g_idx if g_idx is not None else group_index(W.shape[1], scheme, W.device)
     scales, zeros = compute_scales(W, scheme, g)
     codes = quantize(W, expand(scales, g, W.shape), None if zeros is None else expand(zeros, g, W.shape),
                      scheme.qmin, scheme.qmax)

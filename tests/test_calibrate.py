@@ -336,6 +336,21 @@ def test_every_linear_runs_once_per_calibration_batch(make_minigpt):
     assert calls == expected
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device (CUDA); CI machines have none")
+def test_a_model_on_a_cuda_device_is_quantized_there_with_the_codes_a_cpu_model_gets(make_minigpt):
+    # Every tensor the engine makes follows the model's device: a CPU-only allocation fails here.
+    cpu, cuda = make_minigpt(), make_minigpt()
+    cuda.module.to("cuda")
+    tokens = random_tokens(4)
+    on_cpu = quantize_model(cpu, INT4_G16, tokens, method="rtn")
+    on_cuda = quantize_model(cuda, INT4_G16, tokens.cuda(), method="gptq", act_order=True)
+    assert all(qt.codes.device.type == "cuda" for qt in on_cuda.qtensors.values())
+    for name, qtensor in quantize_model(cuda, INT4_G16, tokens.cuda(), method="rtn").qtensors.items():
+        assert torch.equal(qtensor.codes.cpu(), on_cpu.qtensors[name].codes), name
+    with torch.no_grad():
+        assert torch.isfinite(on_cuda.model.logits(tokens.cuda())).all()
+
+
 def test_an_error_inside_a_paused_block_run_reaches_the_caller_and_leaves_no_run_behind(make_minigpt):
     import threading
 
