@@ -57,11 +57,14 @@ def kept_module_values(model, quantized_linears, keep) -> dict:
             if id(p) not in quantized and sizes.get(id(p)) == 2 and p.dtype != torch.float16}
 
 
-def deployable_bytes(model, qtensors: dict, scheme, keep, linear_nbytes: Optional[dict] = None) -> dict:
+def deployable_bytes(model, qtensors: dict, scheme, keep, linear_nbytes: Optional[dict] = None,
+                     input_scales: Optional[dict] = None) -> dict:
     """bytes_total, bytes_linear, bits_per_weight, params_linear, params_total of ``model`` (a
     LanguageModel) whose block Linears named in ``qtensors`` are stored as those QTensors.
     ``linear_nbytes`` (name -> bytes) overrides ``QTensor.nbytes`` where a file stores a Linear in
-    another layout (an imported checkpoint's own int32 packing, say)."""
+    another layout (an imported checkpoint's own int32 packing, say). ``input_scales`` (name -> AWQ's
+    float16 input scale s) adds each distinct scale once, at 2 bytes per input feature, to the Linears'
+    bytes: quantlab stores s beside the codes (Q(W s) / s), not folded into a preceding norm."""
     linear_nbytes = linear_nbytes or {}
     module = model.module
     sizes = float_element_bytes(model, keep, scheme)
@@ -75,6 +78,9 @@ def deployable_bytes(model, qtensors: dict, scheme, keep, linear_nbytes: Optiona
             bytes_linear += int(linear_nbytes[name])
         else:
             bytes_linear += qtensor.nbytes if qtensor is not None else weight.numel() * sizes[id(weight)]
+    # One scale per input group: the Linears of a group hold the same tensor.
+    distinct_scales = {id(s): s for s in (input_scales or {}).values()}
+    bytes_linear += sum(2 * s.numel() for s in distinct_scales.values())
     for p in module.parameters():
         if id(p) not in seen:
             seen.add(id(p))

@@ -70,14 +70,18 @@ class AWQResult:
 
 def awq_scales(channel_absmean: torch.Tensor, alpha: float, weight_absmean: Optional[torch.Tensor] = None) -> torch.Tensor:
     """s = mean|x|^alpha (or mean|x|^alpha / mean|w|^(1-alpha) with ``weight_absmean``), clamped to
-    >= 1e-4 and divided by sqrt(max(s) min(s)) so the scales straddle 1. alpha = 0 gives all ones."""
+    >= 1e-4, divided by sqrt(max(s) min(s)) so the scales straddle 1, and rounded to float16 (float32
+    tensor of float16 values). alpha = 0 gives all ones."""
     x = channel_absmean.detach().to(torch.float32)
     s = x.pow(alpha)
     if weight_absmean is not None:
         s = s / (weight_absmean.detach().to(torch.float32).pow(1 - alpha) + MIN_SCALE)
     s = s.clamp(min=MIN_SCALE)
     s = s / (s.max() * s.min()).sqrt()
-    return torch.where(torch.isfinite(s), s, torch.ones_like(s))
+    s = torch.where(torch.isfinite(s), s, torch.ones_like(s))
+    # Rounded to the float16 values a deployed model stores, so the search scores the scales it will use.
+    fp16 = torch.finfo(torch.float16)
+    return s.clamp(fp16.tiny, fp16.max).to(torch.float16).to(torch.float32)
 
 
 def scaled_hessian(H: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:

@@ -113,6 +113,9 @@ def servability_table(model, schemes: dict) -> dict:
         quant = scheme.quant_scheme() if hasattr(scheme, "quant_scheme") else scheme
         verdicts = {}
         for key, fmt in SERVABILITY_KEYS.items():
+            if getattr(scheme, "awq", False) or getattr(scheme, "mixed", None) is not None:
+                verdicts[key] = (False, AWQ_REFUSAL if getattr(scheme, "awq", False) else MIXED_REFUSAL)
+                continue
             ok, reason = servability(quant, model, format=fmt)
             if ok and _writes_g_idx(scheme, quant):
                 ok, reason = _g_idx_servability(quant, fmt)
@@ -165,7 +168,18 @@ def _conv1d_linears(model) -> list:
     return [name for name in model.all_linear_names() if isinstance(pristine.get_submodule(name), Conv1D)]
 
 
+AWQ_REFUSAL = ("AWQ input scales are not folded into the preceding norms or Linears (quantlab keeps each group's "
+               "scale s beside the codes and computes Q(W s) / s), so the codes alone are not the model; export the "
+               "same grid without AWQ (method rtn or gptq)")
+MIXED_REFUSAL = ("a mixed-precision scheme has a grid per layer; the exporters write one quantization config per "
+                 "model: export a uniform scheme")
+
+
 def _require_servable(quantized, format: str) -> None:
+    if getattr(quantized, "input_scales", None):
+        raise ValueError(f"cannot export {quantized.scheme.describe()} with AWQ as {format}: {AWQ_REFUSAL}")
+    if getattr(quantized, "layer_schemes", None):
+        raise ValueError(f"cannot export {quantized.scheme.describe()} as {format}: {MIXED_REFUSAL}")
     ok, reason = servability(quantized.scheme, quantized.model, format)
     if not ok:
         raise ValueError(f"cannot export {quantized.scheme.describe()} as {format}: {reason}")

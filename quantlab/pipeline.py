@@ -186,7 +186,7 @@ class SpecRun:
             self.model, cfg.quant_scheme(), calibration, method=cfg.method, keep=spec.keep,
             damp=cfg.damp, block_size=cfg.block_size, act_order=cfg.act_order, static_groups=cfg.static_groups,
             batch_size=spec.calibration.batch_size, heldout=self.heldout(spec) if calibration is not None else None,
-            progress=self.progress)
+            progress=self.progress, awq=cfg.awq and cfg.method == "gptq")
         quantized.health += calibration_health(calibration)   # too few distinct windows (quantlab.data)
         return quantized
 

@@ -131,3 +131,76 @@ def test_invalid_inputs_are_refused():
         awq_search([torch.ones(2, 8)], H, absmean, Scheme(4), alphas=[1.5])
     with pytest.raises(ValueError, match="mean"):
         awq_search([torch.ones(2, 8)], H, -absmean, Scheme(4))
+
+
+# ----------------------------------------------------------------------------------------------
+# In the pipeline (quantlab.calibrate)
+
+
+@pytest.fixture(scope="module")
+def calibration():
+    return torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(0))
+
+
+def test_method_awq_in_the_pipeline_records_alpha_beats_rtn_and_counts_its_scales(minigpt, calibration):
+    from quantlab.calibrate import quantize_model
+
+    scheme = Scheme(4, group_size=16)
+    rtn = quantize_model(minigpt, scheme, calibration, method="rtn")
+    awq = quantize_model(minigpt, scheme, calibration, method="awq")
+    alphas = [layer["awq_alpha"] for layer in awq.layers.values()]
+    assert all(a is not None and 0 <= a <= 1 for a in alphas) and any(a > 0 for a in alphas)
+    # The error before AWQ is RTN's on the same Hessian (the first layer's is the float model's in both
+    # runs), and never below the error after: MiniGPT's groups are single Linears (fused c_attn).
+    first = minigpt.all_linear_names()[0]
+    assert awq.layers[first]["rtn_rel_loss"] == pytest.approx(rtn.layers[first]["rel_loss"], rel=1e-6)
+    for layer in awq.layers.values():
+        assert layer["rel_loss"] <= layer["rtn_rel_loss"] * (1 + 1e-6)
+    assert awq.mean("rel_loss") < rtn.mean("rel_loss")
+    # Each stored scale is float16, shared by its input group, and 2 bytes per input feature.
+    scales = {id(s): s for s in awq.input_scales.values()}
+    assert all(s.dtype == torch.float16 for s in scales.values())
+    extra = sum(2 * s.numel() for s in scales.values())
+    assert extra > 0 and awq.bytes["bytes_linear"] == rtn.bytes["bytes_linear"] + extra
+    # The model computes with Q(W s) / s.
+    name = next(iter(awq.input_scales))
+    expected = awq.qtensors[name].dequantize() / awq.input_scales[name].to(torch.float32)
+    torch.testing.assert_close(awq.dequantized(name), expected)
+    with torch.no_grad():
+        logits = awq.model.logits(calibration[:2])
+        materialized = awq.materialize()
+        torch.testing.assert_close(materialized.module.get_submodule(name).weight, expected)
+        torch.testing.assert_close(materialized.logits(calibration[:2]), logits)
+
+
+def test_gptq_with_awq_solves_the_scaled_problem(minigpt, calibration):
+    from quantlab.calibrate import quantize_model
+    from quantlab.gptq import relative_loss
+
+    scheme = Scheme(4, group_size=16)
+    both = quantize_model(minigpt, scheme, calibration, method="gptq", awq=True)
+    assert both.input_scales and all(layer["awq_alpha"] is not None for layer in both.layers.values())
+    assert all(layer["rel_loss"] is not None for layer in both.layers.values())
+    with pytest.raises(ValueError, match="awq=True applies to method 'gptq'"):
+        quantize_model(minigpt, scheme, calibration, method="rtn", awq=True)
+
+
+def test_awq_schemes_are_not_exported(minigpt, calibration, tmp_path):
+    from quantlab.calibrate import quantize_model
+    from quantlab.export import export_compressed_tensors
+
+    awq = quantize_model(minigpt, Scheme(4, group_size=16), calibration, method="awq")
+    with pytest.raises(ValueError, match="AWQ input scales are not folded"):
+        export_compressed_tensors(awq, tmp_path / "out")
+
+
+def test_awq_spec_keys():
+    from quantlab.spec.schemes import SchemeConfig
+
+    awq = SchemeConfig("a", bits=4, group_size=64, method="awq")
+    assert awq.awq and awq.needs_calibration and not awq.is_integer and awq.describe()["awq"] is True
+    both = SchemeConfig("b", bits=4, group_size=64, method="gptq", awq=True)
+    assert both.describe()["method"] == "gptq" and both.describe()["awq"] is True
+    assert "awq" not in SchemeConfig("c", bits=4, group_size=64, method="gptq").describe()   # cache keys unchanged
+    with pytest.raises(ValueError, match="write method: awq"):
+        SchemeConfig("d", bits=4, group_size=64, method="rtn", awq=True)

@@ -420,8 +420,8 @@ def test_bad_calibration_tokens_are_rejected_with_a_fix(minigpt, tokens, message
 
 
 def test_unknown_method_is_rejected(minigpt):
-    with pytest.raises(ValueError, match="method must be one of float, rtn, gptq"):
-        quantize_model(minigpt, INT4_G16, None, method="awq")
+    with pytest.raises(ValueError, match="method must be one of float, rtn, gptq, awq"):
+        quantize_model(minigpt, INT4_G16, None, method="smoothquant")
 
 
 # ----------------------------------------------------------------------------------------------

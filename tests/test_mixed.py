@@ -163,3 +163,45 @@ def test_sensitivity_ranks_layers_like_the_true_kl_increase():
             estimate.append(proxies[name][cname]["kl_estimate"])
     assert spearman(true, estimate) > 0.95
     assert 0.3 < sum(estimate) / sum(true) < 3
+
+
+# ----------------------------------------------------------------------------------------------
+# In the pipeline
+
+
+def test_a_mixed_scheme_quantizes_each_layer_with_its_candidate_within_the_budget(minigpt):
+    from quantlab.calibrate import quantize_model
+    from quantlab.mixed import MixedScheme
+
+    calibration = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(0))
+    mixed = MixedScheme(("int3-g16", "int4-g16", "int8-per-channel"), parse_budget("4.5 bits_per_weight"))
+    quantized = quantize_model(minigpt, mixed, calibration, method="gptq")
+    assert quantized.bytes["bits_per_weight"] <= 4.5
+    chosen = {layer["scheme"] for layer in quantized.layers.values()}
+    assert len(chosen) > 1   # 4.5 bits is between the candidates: not one of them everywhere
+    for name, layer in quantized.layers.items():
+        qtensor = quantized.qtensors[name]
+        assert qtensor.scheme.bits == layer["bits"] and layer["scheme"] in mixed.candidates
+        assert set(layer["sensitivity"]) == set(mixed.candidates)
+        assert layer["sensitivity"]["int3-g16"] > layer["sensitivity"]["int8-per-channel"] > 0
+    with pytest.raises(ValueError, match="give calibration tokens"):
+        quantize_model(minigpt, mixed, None, method="gptq")
+    with pytest.raises(InfeasibleBudget, match="mixed 2 bits_per_weight"):
+        quantize_model(minigpt, MixedScheme(mixed.candidates, parse_budget("2 bits_per_weight")), calibration,
+                       method="gptq")
+
+
+def test_mixed_spec_keys():
+    from quantlab.spec.schemes import SchemeConfig
+
+    cfg = SchemeConfig("m", mixed={"candidates": ["int3-g64", "int4-g64", "int8-per-channel"],
+                                   "budget": "4.25 bits_per_weight", "method": "gptq"})
+    assert cfg.method == "gptq" and cfg.needs_calibration and not cfg.is_integer
+    assert cfg.quant_scheme().budget == Budget(bits_per_weight=4.25)
+    assert cfg.describe()["mixed"]["proxy"] == "kl_estimate"
+    with pytest.raises(ValueError, match="mixed: unknown candidate 'int9-g64'"):
+        SchemeConfig("m", mixed={"candidates": ["int9-g64"], "budget": "4 bits_per_weight"})
+    with pytest.raises(ValueError, match="drop bits"):
+        SchemeConfig("m", bits=4, mixed={"candidates": ["int4-g64"], "budget": "4 bits_per_weight"})
+    with pytest.raises(ValueError, match="budget must be like"):
+        SchemeConfig("m", mixed={"candidates": ["int4-g64"], "budget": "a lot"})

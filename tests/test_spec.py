@@ -267,7 +267,7 @@ def test_a_checkpoint_scheme_is_validated_only_and_integer_schemes_can_be_listed
     spec = parse_spec({"schemes": {"fp32": "fp32", "q": "int4-g64", "imported": {"checkpoint": f"hf:{tmp_path}"}},
                        "export": ["q"]})
     imported = spec.schemes["imported"]
-    assert SCHEME_METHODS == ("float", "rtn", "gptq", "checkpoint")
+    assert SCHEME_METHODS == ("float", "rtn", "gptq", "awq", "checkpoint")
     assert imported.method == "checkpoint" and not imported.needs_calibration and imported.quant_scheme() is None
     assert imported.describe() == {"method": "checkpoint", "checkpoint": f"hf:{tmp_path}"}
     assert spec.export == ["q"] and parse_spec({"schemes": {"fp32": "fp32"}}).export == []

@@ -236,8 +236,10 @@ def _check_export(data, ctx: Ctx, schemes: dict) -> list:
         if not isinstance(n, str) or n not in schemes:
             raise ctx.error(f"export lists {n!r}, which is not defined under schemes; defined: {', '.join(schemes)}", "export")
         if not schemes[n].is_integer:
-            raise ctx.error(f"export lists {n!r}, a {schemes[n].method} scheme; only integer schemes (method rtn or gptq) "
-                            "can be exported", "export")
+            why = ("an AWQ scheme (its input scales are not folded into the weights)" if schemes[n].awq else
+                   "a mixed scheme (a grid per layer)" if schemes[n].mixed is not None else f"a {schemes[n].method} scheme")
+            raise ctx.error(f"export lists {n!r}, {why}; only integer schemes (method rtn or gptq, one grid, without "
+                            "awq) can be exported", "export")
     if len(set(names)) != len(names):
         raise ctx.error("export lists a scheme twice; list each scheme once", "export")
     return list(names)

@@ -1,7 +1,9 @@
 """A spec's ``schemes:``: each name -> a validating ``SchemeConfig``, presets expanded.
 
-A scheme is a float dtype, an integer grid plus the method that picks its codes (``rtn``, ``gptq``), or
-(for export/import, issue 12) a ``checkpoint:`` quantized elsewhere. Split from ``schema.py``.
+A scheme is a float dtype, an integer grid plus the method that picks its codes (``rtn``, ``gptq``,
+``awq``; ``awq: true`` runs AWQ's scale search before GPTQ), a ``mixed:`` choice of one candidate grid per
+layer under a byte budget (quantlab.mixed), or (for export/import, issue 12) a ``checkpoint:`` quantized
+elsewhere. Split from ``schema.py``.
 """
 from __future__ import annotations
 
@@ -18,7 +20,8 @@ from quantlab.spec.located import Ctx, Located, SpecError, check_keys, dataclass
 # plus "checkpoint", a scheme whose weights are read from a file (hf:PATH or gguf:FILE). Only this schema
 # knows "checkpoint"; the pipeline that reads checkpoints is issue 12's.
 SCHEME_METHODS = tuple(METHODS) + ("checkpoint",)
-INTEGER_METHODS = ("rtn", "gptq")
+INTEGER_METHODS = ("rtn", "gptq", "awq")
+MIXED_KEYS = {"candidates", "budget", "method", "proxy"}
 CHECKPOINT_PREFIXES = ("hf:", "gguf:")
 
 
@@ -52,6 +55,8 @@ class SchemeConfig:
     damp: float = 0.01
     block_size: int = 128
     checkpoint: Optional[str] = None   # hf:PATH or gguf:FILE: weights quantized elsewhere (method "checkpoint")
+    awq: bool = False                  # AWQ's activation-aware scale search first (method awq: RTN after it)
+    mixed: Optional[dict] = None       # {candidates: [int3-g64, ...], budget: "4.25 bits_per_weight", method: gptq}
 
     def __post_init__(self):
         if self.checkpoint is not None:
@@ -64,14 +69,16 @@ class SchemeConfig:
             return
         if self.method == "checkpoint":
             raise ValueError(f"scheme {self.name!r}: method checkpoint needs checkpoint: hf:PATH or gguf:FILE")
-        if self.dtype is not None:
+        if self.mixed is not None:
+            self._check_mixed()
+        elif self.dtype is not None:
             if self.bits is not None:
                 raise ValueError(f"scheme {self.name!r} sets both dtype and bits; a scheme is either a float dtype or an integer grid")
             self.method = "float"
         elif self.bits is None:
             raise ValueError(f"scheme {self.name!r} needs bits (integer grid) or dtype ({', '.join(FLOAT_DTYPES)})")
         if self.method not in SCHEME_METHODS:
-            raise ValueError(f"scheme {self.name!r}: method must be rtn or gptq, got {self.method!r}")
+            raise ValueError(f"scheme {self.name!r}: method must be rtn, gptq or awq, got {self.method!r}")
         if self.method == "float" and self.dtype is None:
             raise ValueError(f"scheme {self.name!r}: method float needs dtype")
         if self.dtype is not None and self.scale_search != "absmax":
@@ -79,6 +86,11 @@ class SchemeConfig:
                              f"{self.dtype}; drop scale_search or give bits instead of dtype")
         if self.method != "gptq" and (self.act_order or self.static_groups):
             raise ValueError(f"scheme {self.name!r}: act_order/static_groups only apply to method: gptq")
+        if self.method == "awq":
+            self.awq = True   # method awq is RTN on the AWQ-scaled weights
+        elif self.awq and self.method != "gptq":
+            raise ValueError(f"scheme {self.name!r}: awq: true applies to method gptq (AWQ then GPTQ); for AWQ with "
+                             "round-to-nearest write method: awq")
         if not 0 < self.damp < 1:
             raise ValueError(f"scheme {self.name!r}: damp must be in (0, 1), e.g. 0.01 (0 leaves a singular Hessian "
                              "uninvertible)")
@@ -90,6 +102,11 @@ class SchemeConfig:
         """The quantizer's scheme; None for a checkpoint scheme (its file says how it is quantized)."""
         if self.method == "checkpoint":
             return None
+        if self.mixed is not None:
+            from quantlab.mixed import MixedScheme, parse_budget
+
+            return MixedScheme(tuple(self.mixed["candidates"]), parse_budget(self.mixed["budget"]),
+                               self.mixed.get("proxy", "kl_estimate"))
         if self.dtype is not None:
             return FloatScheme(self.dtype)
         return Scheme(self.bits, group_size=self.group_size, granularity=self.granularity,
@@ -97,24 +114,64 @@ class SchemeConfig:
 
     @property
     def needs_calibration(self) -> bool:
-        return self.method == "gptq"
+        """GPTQ's Hessians, AWQ's activation statistics and a mixed scheme's sensitivities come from calibration data."""
+        return self.method in ("gptq", "awq") or self.mixed is not None
 
     @property
     def is_integer(self) -> bool:
-        """An integer grid quantlab computes itself (rtn or gptq): it has codes, and can be exported."""
-        return self.method in INTEGER_METHODS
+        """An integer grid quantlab computes itself, one grid for the whole model, with no input scales: it has
+        codes, and can be exported (AWQ's scales are not folded into a checkpoint; mixed has a grid per layer)."""
+        return self.method in INTEGER_METHODS and not self.awq and self.mixed is None
+
+    def _check_mixed(self) -> None:
+        """A mixed scheme takes its grids from its candidates and its method from ``mixed: {method: ...}``."""
+        from quantlab.mixed import MixedScheme, parse_budget
+
+        mixed = self.mixed
+        if not isinstance(mixed, dict):
+            raise ValueError(f"scheme {self.name!r}: mixed must be a mapping {{candidates: [...], budget: ..., method: gptq}}")
+        unknown = sorted(set(mixed) - MIXED_KEYS)
+        if unknown:
+            raise ValueError(f"scheme {self.name!r}: mixed has unknown key(s) {', '.join(unknown)}; "
+                             f"it takes {', '.join(sorted(MIXED_KEYS))}")
+        if self.act_order:
+            raise ValueError(f"scheme {self.name!r}: act_order is not offered with mixed (its g_idx bytes are not in the "
+                             "candidates' costs); use static_groups or drop act_order")
+        if self.dtype is not None or self.bits is not None or self.group_size is not None or self.awq:
+            raise ValueError(f"scheme {self.name!r}: a mixed scheme takes its grids from mixed.candidates; drop "
+                             "bits/dtype/group_size/awq")
+        if "candidates" not in mixed or "budget" not in mixed:
+            raise ValueError(f"scheme {self.name!r}: mixed needs candidates (e.g. [int3-g64, int4-g64, int8-per-channel]) "
+                             "and budget (e.g. '4.25 bits_per_weight')")
+        method = mixed.get("method", "gptq")
+        if method not in ("rtn", "gptq"):
+            raise ValueError(f"scheme {self.name!r}: mixed.method must be rtn or gptq, got {method!r}")
+        self.method = method
+        candidates = mixed["candidates"]
+        if not isinstance(candidates, list) or not all(isinstance(c, str) for c in candidates):
+            raise ValueError(f"scheme {self.name!r}: mixed.candidates must be a list of names like int4-g64")
+        try:
+            MixedScheme(tuple(candidates), parse_budget(mixed["budget"]), mixed.get("proxy", "kl_estimate"))
+        except ValueError as error:
+            raise ValueError(f"scheme {self.name!r}: mixed: {error}") from None
+        self.mixed = {"candidates": list(candidates), "budget": mixed["budget"], "method": method,
+                      "proxy": mixed.get("proxy", "kl_estimate")}
 
     def describe(self) -> dict:
         if self.method == "checkpoint":
             return {"method": "checkpoint", "checkpoint": self.checkpoint}
         d = {"method": self.method, "scheme": self.quant_scheme().describe()}
-        if self.dtype is None:
+        if self.mixed is not None:
+            d["mixed"] = dict(self.mixed)
+        elif self.dtype is None:
             d.update(bits=self.bits, group_size=self.group_size, granularity=self.quant_scheme().granularity,
                      symmetric=self.symmetric, grid=self.grid)
             if self.scale_search != "absmax":   # absmax schemes keep the description (and cache key) they had
                 d["scale_search"] = self.scale_search
         if self.method == "gptq":
             d.update(act_order=self.act_order, static_groups=self.static_groups, damp=self.damp, block_size=self.block_size)
+        if self.awq:   # only AWQ schemes carry the key: other schemes keep the description (and cache key) they had
+            d["awq"] = True
         return d
 
 
