@@ -76,6 +76,7 @@ class Finished:
     node: str
     seconds: float
     computed: bool                  # False: another process had stored the entry first
+    pid: int                        # the worker process that ran it (a retry runs in another)
 
 
 @dataclass
@@ -282,7 +283,8 @@ def fan_out(specs: Sequence[Spec], address: Optional[str] = None, *, cache_dir=N
                     result.failures[unit.key] = _error_text(e)
                     line = f"FAILED {unit.label} ({unit.spec.name}): {result.failures[unit.key]}"
                 else:
-                    result.finished.append(Finished(unit, report["node"], report["seconds"], report["computed"]))
+                    result.finished.append(Finished(unit, report["node"], report["seconds"], report["computed"],
+                                                    report["pid"]))
                     line = f"done   {unit.label} ({unit.spec.name}) on {report['node']} in {report['seconds']:.1f} s"
                 bar.update(1)
                 if progress:
