@@ -47,6 +47,10 @@ def cmd_run(args) -> int:
         except (ModuleNotFoundError, ValueError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
+        except KeyboardInterrupt:
+            print("\ninterrupted while the schemes ran on Ray: every stored result is whole, and a rerun "
+                  "resumes from them", file=sys.stderr)
+            return 130
     for path in _spec_paths(args.specs):
         try:
             spec = load_spec(path)

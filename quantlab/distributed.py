@@ -20,8 +20,9 @@ stored. Ray does the scheduling and the retries; quantlab only plans and reports
   partial entry. A task that raises is not retried (quantlab's computations are deterministic): its
   error is reported under the scheme's name, and every other unit still runs.
 - Torch results depend on the number of intra-op threads (GPTQ's Hessians are sums whose order follows
-  the thread split), so each task computes on as many threads as the planning process uses: the cache
-  then holds what a sequential run of this process would have stored.
+  the thread split), so each task computes on as many threads as the planning process uses, and
+  declares as many CPUs (at most a node's): the cache then holds what a sequential run of this process
+  would have stored. ``OMP_NUM_THREADS=1`` on the submitting process runs one scheme per core.
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
-from quantlab.cache import SchemeCache, default_cache_dir
+from quantlab.cache import RESULTS_CACHE_ENV, SchemeCache, default_cache_dir
 from quantlab.spec import Spec
 
 log = logging.getLogger("quantlab")
@@ -184,7 +185,7 @@ def compute_unit(spec: Spec, scheme: str, key: str, cache_dir: str, probe: str, 
         raise CacheNotShared(
             f"the results cache {directory} is not visible on node {_node()}: the planning process left "
             f"{probe} there and this worker cannot see it. Every Ray node must see the cache directory at the "
-            f"same path (a shared file system such as NFS); point {'QUANTLAB_RESULTS_CACHE'} at one")
+            f"same path (a shared file system such as NFS); point {RESULTS_CACHE_ENV} at one")
     runner = _worker_runner(spec, directory)
     actual = runner.cache_key(spec, spec.schemes[scheme])
     if actual != key:
@@ -234,11 +235,13 @@ def connect(address: Optional[str]):
 
 
 def fan_out(specs: Sequence[Spec], address: Optional[str] = None, *, cache_dir=None, progress: bool = True,
-            cpus_per_task: float = 1, threads: Optional[int] = None) -> FanOut:
+            threads: Optional[int] = None, cpus_per_task: Optional[float] = None) -> FanOut:
     """Compute every uncached unit of ``specs`` as a Ray task into the cache at ``cache_dir`` (default: the
     cache a run uses), on the cluster at ``address`` (None: a local one, started and stopped here; an
-    existing ``ray.init`` connection is used as it is). Tasks declare ``cpus_per_task`` CPUs, and a GPU
-    for a spec on cuda; each computes on ``threads`` torch threads (default: this process's). Progress:
+    existing ``ray.init`` connection is used as it is). Each task computes on ``threads`` torch threads
+    (default: this process's) and declares ``cpus_per_task`` CPUs (default: as many as its threads, at
+    most the largest node's, so no task waits for a node that cannot exist), and a GPU for a spec on
+    cuda. Progress:
     one line per finished task and an overall bar. Returns a FanOut; failed units are in its ``failures``,
     and nothing is raised for them."""
     import torch
@@ -262,6 +265,9 @@ def fan_out(specs: Sequence[Spec], address: Optional[str] = None, *, cache_dir=N
     write_text(cache_dir / probe, "quantlab: every Ray worker must see this file\n")
     started_here = connect(address)
     try:
+        if cpus_per_task is None:
+            largest = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=1)
+            cpus_per_task = max(1, min(threads, largest))
         task = ray.remote(compute_unit)
         refs, by_ref = {}, {}
         for unit in units:   # baselines first, so their references exist when the others are submitted

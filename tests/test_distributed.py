@@ -16,6 +16,9 @@ import yaml
 
 ray = pytest.importorskip("ray")
 pytest_plugins = ["pytester"]
+# One torch thread in this process, so the sequential runs and every task (which computes on as many
+# threads as its submitter) use one: two tasks at a time on this module's two one-CPU nodes.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 from quantlab import distributed  # noqa: E402
 from quantlab import pipeline  # noqa: E402
