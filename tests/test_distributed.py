@@ -181,13 +181,18 @@ def test_a_worker_that_cannot_see_the_cache_says_so(tmp_path):
         distributed.compute_unit(spec, "fp32", "k", str(tmp_path / "cache"), ".ray-probe-absent", 1)
 
 
-def test_pytest_quantlab_ray_runs_the_specs_from_what_the_cluster_stored(cluster, pytester, tmp_path, monkeypatch):
+def test_pytest_quantlab_ray_runs_the_specs_from_what_the_cluster_stored(cluster, pytester, tmp_path, monkeypatch,
+                                                                         bad_checkpoint):
     monkeypatch.setenv("QUANTLAB_RESULTS_CACHE", str(tmp_path / "cache"))
     pytester.makeini("[pytest]\nfilterwarnings =\n    error\n    ignore::DeprecationWarning:pytest_html\n")
     pytester.mkdir("specs")
     (pytester.path / "specs" / "small.yaml").write_text(yaml.safe_dump(SMALL))
+    bad = {**SMALL, "schemes": {**SMALL["schemes"], "broken": bad_checkpoint}}
+    (pytester.path / "specs" / "bad.yaml").write_text(yaml.safe_dump(bad))
     result = pytester.runpytest_inprocess("specs", "--quantlab-ray", "-p", "no:cacheprovider")
-    result.assert_outcomes(passed=3)   # nan_count for two schemes, and the report
+    # small: nan_count for two schemes and the report pass; bad: its 4 items fail with the scheme's error.
+    result.assert_outcomes(passed=3, failed=4)
+    result.stdout.fnmatch_lines(["*1 unit(s) of *bad.yaml failed on the Ray cluster*", "*  broken: *"])
     spec = parse_spec(json.loads(json.dumps(SMALL)), "<x>", name="x")
     assert distributed.plan([spec], SchemeCache(tmp_path / "cache")) == []
 
