@@ -45,6 +45,9 @@ def pytest_configure(config):
         if config.getoption("quantlab_no_cache"):
             raise pytest.UsageError("--quantlab-ray needs the results cache (workers leave their results there): "
                                     "drop --quantlab-no-cache")
+        if getattr(config.option, "numprocesses", None):
+            raise pytest.UsageError("--quantlab-ray spreads the specs' schemes over the cluster itself: drop -n "
+                                    "(each pytest-xdist worker would fan out its own specs)")
         if address != "local" and Path(address).exists():
             raise pytest.UsageError(f"--quantlab-ray took {address} as the cluster's address; put the test paths "
                                     "before it, or write --quantlab-ray=ADDRESS")
