@@ -79,11 +79,13 @@ def plot_mixed_precision(results, path, figure, save):
                 bottom.plot([p[0] for p in others], [p[1] for p in others], "o", mfc="none", color=colour[c], ms=3,
                             alpha=0.6)
         bottom.set_yscale("log")
-        bottom.set_ylabel("estimated loss")
+        proxy = (((results.get("schemes") or {}).get(scheme) or {}).get("mixed") or {}).get("proxy")
+        bottom.set_ylabel({"kl_estimate": "estimated KL increase\n(nats per token)",
+                           "output_error": "output error tr(D H D^T)"}.get(proxy, "estimated loss"))
         bottom.set_xlim(-0.6, len(names) - 0.4)
         bottom.grid(True, which="major", axis="y", alpha=0.3)
         bottom.legend(fontsize=7, loc="best", ncol=len(candidates))
         step = max(1, len(names) // 60)   # at most ~60 tick labels: beyond that, every step-th layer
         bottom.set_xticks(x[::step])
-        bottom.set_xticklabels([short_layer(n) for n in names[::step]], rotation=90, fontsize=6)
+        bottom.set_xticklabels([short_layer(n) for n in names[::step]], rotation=90, fontsize=7)
     return save(fig, path)

@@ -134,9 +134,9 @@ class SchemeConfig:
         if unknown:
             raise ValueError(f"scheme {self.name!r}: mixed has unknown key(s) {', '.join(unknown)}; "
                              f"it takes {', '.join(sorted(MIXED_KEYS))}")
-        if self.act_order:
-            raise ValueError(f"scheme {self.name!r}: act_order is not offered with mixed (its g_idx bytes are not in the "
-                             "candidates' costs); use static_groups or drop act_order")
+        if self.act_order and not self.static_groups:
+            raise ValueError(f"scheme {self.name!r}: act_order with mixed needs static_groups: true (dynamic act-order "
+                             "groups store a g_idx, whose bytes are not in the candidates' costs)")
         if self.dtype is not None or self.bits is not None or self.group_size is not None or self.awq:
             raise ValueError(f"scheme {self.name!r}: a mixed scheme takes its grids from mixed.candidates; drop "
                              "bits/dtype/group_size/awq")
