@@ -347,6 +347,11 @@ class BaselineLogProbs:
             return self.cached[start:start + len(windows)].to(self.device)
         return self._compute(windows)
 
+    @property
+    def recomputes(self) -> bool:
+        """Neither stored nor cached: ``for_windows`` runs the baseline model."""
+        return self.stored is None and self.cached is None
+
     def top1_for_windows(self, start: int, reference: torch.Tensor) -> torch.Tensor:
         """The baseline's argmax tokens (B, T-1) for rows start..start+B: exact (from float32) when stored."""
         if self.stored_top1 is not None:
@@ -388,23 +393,34 @@ def run_windows(model: LanguageModel, plan: EvalPlan, baseline: Optional[Baselin
         batch = windows[start:start + plan.batch_size]
         logits = model.logits(batch.to(plan.device))                           # (B, T, V)
         nonfinite += count_nonfinite(logits)
-        log_probs = next_token_log_probs(logits)                               # (B, T-1, V)
-        targets = batch[:, 1:].to(plan.device)                                 # (B, T-1)
-        nll.append(token_nll(log_probs, targets).cpu())
-        if baseline is not None:
+        # A baseline recomputed here runs on the whole batch, as the scheme did (batch-size-dependent
+        # kernels would otherwise make the two differ); stored or cached log-probs are read per window.
+        recomputed = (baseline.for_windows(start, batch)
+                      if baseline is not None and baseline.model is not model and baseline.recomputes else None)
+        # Then one window at a time: vocabulary-wide log-probs are the largest tensors evaluation makes
+        # (SmolLM2: 100 MB per 512-token window), and a few per window are held instead of a few per batch.
+        for i in range(len(batch)):
+            log_probs = next_token_log_probs(logits[i:i + 1])                  # (1, T-1, V)
+            targets = batch[i:i + 1, 1:].to(plan.device)                       # (1, T-1)
+            nll.append(token_nll(log_probs, targets).cpu())
+            if baseline is None:
+                continue
             # The baseline scored against itself is its own logits: exact (KL 0), not the stored float16
             # copy, and no second read.
             if baseline.model is model:
-                baseline.check_windows(start, batch)
+                baseline.check_windows(start + i, batch[i:i + 1])
                 reference = log_probs
+            elif recomputed is not None:
+                reference = recomputed[i:i + 1]
             else:
-                reference = baseline.for_windows(start, batch)                 # (B, T-1, V)
+                reference = baseline.for_windows(start + i, batch[i:i + 1])   # (1, T-1, V)
             if reference.shape[-1] != log_probs.shape[-1]:
                 raise ValueError(f"the baseline has {reference.shape[-1]} logits per position and the model "
                                  f"{log_probs.shape[-1]}: KL divergence needs the same vocabulary")
             baseline_nll.append(token_nll(reference, targets).cpu())
             kld.append(kl_per_position(reference, log_probs).cpu())
-            agree.append((baseline.top1_for_windows(start, reference) == log_probs.argmax(-1)).cpu())
+            agree.append((baseline.top1_for_windows(start + i, reference) == log_probs.argmax(-1)).cpu())
+        del logits, recomputed
     if plan.device.startswith("cuda"):
         torch.cuda.synchronize()  # kernels run asynchronously: time what ran, not what was queued
     seconds = time.perf_counter() - started
