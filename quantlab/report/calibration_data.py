@@ -39,8 +39,9 @@ def plot_calibration_data(results, path, figure, save):
     if sweep is None:
         return None
     corpora, runs = list(sweep.get("values") or []), list(sweep.get("results") or [])
+    order = list(results.get("results") or {})   # the spec's order, where known
     schemes = sorted({s for run in runs for s in (run or {}) if scheme_method(results, s) == "gptq"},
-                     key=lambda s: list((results.get("results") or {})).index(s) if s in (results.get("results") or {}) else 0)
+                     key=lambda s: order.index(s) if s in order else len(order))
     if not schemes or not corpora:
         return None
     rtn = [s for s, r in (results.get("results") or {}).items() if scheme_method(results, s) == "rtn"]
@@ -75,8 +76,10 @@ def plot_calibration_data(results, path, figure, save):
         if is_number(entry.get("kld_mean")):
             ax_kld.axhline(entry["kld_mean"], label=f"{scheme} (RTN, no calibration)", **style)
     if is_number(base_ppl):
-        ax_ppl.axhline(base_ppl, color="0.3", linestyle=":", linewidth=1, label=f"{results.get('baseline')} (baseline)")
-    for ax, ylabel in ((ax_ppl, "perplexity (± 1 paired s.e.)"), (ax_kld, "mean KL divergence to the baseline (± 1 s.e.)")):
+        ax_ppl.axhline(base_ppl, color="0.3", linestyle=":", linewidth=1,
+                       label=f"{results.get('baseline')} (baseline)")
+    for ax, ylabel in ((ax_ppl, "perplexity (± 1 paired s.e.)"),
+                       (ax_kld, "mean KL divergence to the baseline (± 1 s.e.)")):
         ax.set_xticks(range(len(corpora)), [corpus_label(c) for c in corpora], fontsize=8)
         ax.set_xlim(-0.6, len(corpora) - 0.4)
         ax.set_xlabel("calibration corpus")
