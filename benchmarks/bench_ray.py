@@ -48,7 +48,8 @@ def noop() -> int:
 def main() -> None:
     import ray
 
-    from quantlab.distributed import fan_out
+    from quantlab.cache import SchemeCache
+    from quantlab.distributed import fan_out, plan
     from quantlab.spec import load_spec
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -61,6 +62,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="bench-ray-") as tmp:
         tmp = Path(tmp)
+        planned = len(plan(specs, SchemeCache(tmp / "seq-cache")))
         started = time.perf_counter()
         run_all(specs, tmp / "seq-cache", tmp / "seq-out")
         sequential = time.perf_counter() - started
@@ -89,7 +91,10 @@ def main() -> None:
     assert not fanned.failures, fanned.failures
     busy = sum(f.seconds for f in fanned.finished)
     idle_per_task = (fanned_seconds * 2 - busy) / len(fanned.finished)
-    print(f"units (scheme x sweep point, distinct keys): {units} sequential, {len(fanned.units)} Ray tasks")
+    print(f"units (scheme x sweep point, distinct keys): {planned} planned, {units} stored by the sequential run, "
+          f"{len(fanned.units)} Ray tasks")
+    if not planned == units == len(fanned.units):
+        print("  (the counts differ: quantlab's source changed during the benchmark, and with it every key)")
     print(f"sequential, cold:                 {sequential:7.1f} s  (1.00x)")
     print(f"ray, 2 workers, cold:             {on_ray:7.1f} s  ({sequential / on_ray:.2f}x faster), of which fan-out "
           f"{fanned_seconds:.1f} s and the cached runs {on_ray - fanned_seconds:.1f} s; cluster start-up "
