@@ -241,9 +241,8 @@ def fan_out(specs: Sequence[Spec], address: Optional[str] = None, *, cache_dir=N
     existing ``ray.init`` connection is used as it is). Each task computes on ``threads`` torch threads
     (default: this process's) and declares ``cpus_per_task`` CPUs (default: as many as its threads, at
     most the largest node's, so no task waits for a node that cannot exist), and a GPU for a spec on
-    cuda. Progress:
-    one line per finished task and an overall bar. Returns a FanOut; failed units are in its ``failures``,
-    and nothing is raised for them."""
+    cuda. Progress: one line per finished task and an overall bar. Returns a FanOut; failed units are in
+    its ``failures``, and nothing is raised for them."""
     import torch
     from tqdm import tqdm
 
@@ -263,8 +262,9 @@ def fan_out(specs: Sequence[Spec], address: Optional[str] = None, *, cache_dir=N
     threads = threads or torch.get_num_threads()
     probe = f".ray-probe-{uuid.uuid4().hex}"
     write_text(cache_dir / probe, "quantlab: every Ray worker must see this file\n")
-    started_here = connect(address)
+    started_here = False
     try:
+        started_here = connect(address)
         if cpus_per_task is None:
             largest = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=1)
             cpus_per_task = max(1, min(threads, largest))
