@@ -31,7 +31,10 @@ are the three steps above and read best in order, in one place.)
 from __future__ import annotations
 
 import copy
+import ctypes
+import ctypes.util
 import dataclasses
+import functools
 import math
 import threading
 import time
@@ -321,6 +324,27 @@ def _next_block_inputs(model: LanguageModel, block_index: int, batches: list) ->
     return [(model.run_block(block_index, *batch), batch[1]) for batch in batches]
 
 
+def _return_free_memory() -> None:
+    """Hand the memory freed by the run that just paused back to the system (glibc's malloc_trim).
+
+    glibc gives each thread its own malloc arena and keeps what a thread frees for that thread's later
+    use, so with one thread per batch every batch's transient peak (attention, MLP intermediates) would
+    stay resident at once. Measured on SmolLM2 (GPTQ, 4 batches of 8 x 512 tokens): peak RSS 720 MB above
+    the loaded model without this call, growing with the calibration set; none above it with the call,
+    which costs microseconds. A no-op where the C library has no malloc_trim."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim():
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
 class _Aborted(BaseException):
     """Raised inside a paused run that will not be resumed; a BaseException, so model code that catches
     Exception does not swallow it."""
@@ -382,6 +406,7 @@ class _PausedRun:
         else:
             self._go.release()
         self._stopped.acquire()
+        _return_free_memory()
         if self._error is not None:
             raise self._error
 
