@@ -310,6 +310,15 @@ class QTensor:
         return self.g_idx if self.g_idx is not None else group_index(self.shape[1], self.scheme, self.codes.device)
 
     def dequantize(self) -> torch.Tensor:
+        out, n = self.shape
+        n_groups = self.scales.shape[1]
+        if self.g_idx is None and n % n_groups == 0:
+            # Consecutive groups of equal size: a (rows, groups, size) view broadcasts each group's scale
+            # without materialising a (out, in) scale matrix. Same products as the general path below;
+            # a quantized model's weights are dequantized on every forward call (quantlab.swap).
+            codes = self.codes.reshape(out, n_groups, n // n_groups)
+            zeros = None if self.zeros is None else self.zeros.unsqueeze(-1)
+            return dequantize(codes, self.scales.unsqueeze(-1), zeros).reshape(out, n)
         g = self.group_of_column()
         zeros = None if self.zeros is None else expand(self.zeros, g, self.shape)
         return dequantize(self.codes, expand(self.scales, g, self.shape), zeros)
