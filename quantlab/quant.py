@@ -312,11 +312,12 @@ class QTensor:
     def dequantize(self) -> torch.Tensor:
         out, n = self.shape
         n_groups = self.scales.shape[1]
-        if self.g_idx is None and n % n_groups == 0:
+        size = self.scheme.group_size if self.scheme.granularity == "group" else n
+        if self.g_idx is None and n_groups * size == n:
             # Consecutive groups of equal size: a (rows, groups, size) view broadcasts each group's scale
             # without materialising a (out, in) scale matrix. Same products as the general path below;
             # a quantized model's weights are dequantized on every forward call (quantlab.swap).
-            codes = self.codes.reshape(out, n_groups, n // n_groups)
+            codes = self.codes.reshape(out, n_groups, size)
             zeros = None if self.zeros is None else self.zeros.unsqueeze(-1)
             return dequantize(codes, self.scales.unsqueeze(-1), zeros).reshape(out, n)
         g = self.group_of_column()

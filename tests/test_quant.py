@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from quantlab.quant import (
-    MSE_SHRINK_GRID, PRESETS, FloatScheme, QTensor, Scheme, compute_scales, expected_nbytes, fp16_ceil, pack,
-    packed_nbytes, quantize_rtn, unpack,
+    MSE_SHRINK_GRID, PRESETS, FloatScheme, QTensor, Scheme, compute_scales, expand, expected_nbytes, fp16_ceil, pack,
+    group_index, packed_nbytes, quantize_rtn, unpack,
 )
 
 # Weights whose scales are normal float16 numbers: |w| in [2^-6, 2^6] or exactly 0.
@@ -163,6 +163,15 @@ def test_int4_per_tensor_codes_span_exactly_minus7_to_7_on_two_signed_data(W):
     # the larger-magnitude side lands on +-7; nothing ever reaches -8.
     assert max(q.codes.max().item(), -q.codes.min().item()) == 7
     assert q.codes.min() >= -7
+
+
+@given(W=weights(), scheme=int_schemes(), act_order=st.booleans())
+def test_dequantize_is_each_code_minus_its_zero_times_its_groups_stored_scale(W, scheme, act_order):
+    # dequantize() has a fast path for consecutive equal groups; every layout must give these products.
+    g_idx = group_index(W.shape[1], scheme).flip(0) if act_order else None
+    q = quantize_rtn(W, scheme, g_idx=g_idx)
+    zero = 0.0 if q.zeros is None else expand(q.zeros, q.group_of_column(), q.shape).float()
+    assert torch.equal(q.dequantize(), (q.codes.float() - zero) * stored_scale_per_weight(q))
 
 
 @given(W=weights(), scheme=int_schemes())
