@@ -223,12 +223,17 @@ def sensitivity_statistics(model, calibration: torch.Tensor, batch_size: int = 8
                 output.register_hook(grad_hook)
         return hook
 
+    def inputs_require_grad(block, args, kwargs):
+        # Gradients flow from block 0's input on: no parameter needs one, so none is computed.
+        return (args[0].detach().requires_grad_(True), *args[1:]), kwargs
+
     requires = {p: p.requires_grad for p in module.parameters()}
     for name, linear in linears.items():
         handles.append(linear.register_forward_hook(capture(name)))
+    handles.append(model.blocks[0].register_forward_pre_hook(inputs_require_grad, with_kwargs=True))
     try:
         for p in module.parameters():
-            p.requires_grad_(True)
+            p.requires_grad_(False)
         with torch.enable_grad():
             for batch in calibration.split(batch_size):
                 logits = model.logits(batch)
@@ -239,7 +244,6 @@ def sensitivity_statistics(model, calibration: torch.Tensor, batch_size: int = 8
                                                          reduction="sum")
                 loss.backward()
                 n_tokens += tokens
-                module.zero_grad(set_to_none=True)
     finally:
         for h in handles:
             h.remove()
