@@ -13,7 +13,7 @@ The pipeline follows the reference GPTQ code's ``opt_sequential``:
 3. The block's outputs, computed with its quantized weights, are the next block's inputs.
 
 Steps 2 and 3 are one pass: each calibration batch runs through the block once, on a thread of its
-own that pauses at each group's input until that group is quantized (``_PausedRun``), so every Linear
+own that pauses at each group's input until that group is quantized (``PausedRun``), so every Linear
 runs once per batch with its final weights (benchmarks/bench_calibrate.py counts the passes). Blocks
 that call a Linear more than once per run fall back to rerunning the block up to each group.
 
@@ -25,18 +25,15 @@ quantized weights in the float model itself, and get their float weights back wh
 RTN goes through the same pipeline, so when calibration tokens are given its per-layer losses are
 measured on the same Hessians as GPTQ's: the two are compared like for like.
 
-(Just past 400 lines: the input statistics, the grouping of Linears by shared input and the block loop
-are the three steps above and read best in order, in one place.)
+(Past 400 lines: the result type, the input statistics, the grouping of Linears by shared input, the
+block loop and the per-group step (with AWQ and mixed precision) are the steps above and read best in
+order, in one place; the threads are quantlab/paused.py's and the weight swapping quantlab/swap.py's.)
 """
 from __future__ import annotations
 
 import copy
-import ctypes
-import ctypes.util
 import dataclasses
-import functools
 import math
-import threading
 import time
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -51,6 +48,7 @@ from quantlab.accounting import KEEP_KINDS, deployable_bytes, kept_module_values
 from quantlab.awq import awq_search, scaled_hessian
 from quantlab.mixed import MixedScheme, plan_mixed
 from quantlab.quant import FLOAT_DTYPES, FloatScheme, Scheme, quantize_rtn
+from quantlab.paused import Batch, PausedRun
 from quantlab.swap import SwappedModel, Values, materialize
 
 # How a scheme's values are chosen: a float scheme is a cast ("float"); an integer scheme's codes come
@@ -210,7 +208,6 @@ class _InputsCaptured(Exception):
     """Raised by a capture hook once it has the inputs it needs: the rest of the block is skipped."""
 
 
-Batch = tuple  # (hidden (B, T, C), kwargs): what one block receives for one batch of token windows
 
 
 @dataclass(eq=False)   # a group is itself: ``groups.index`` must find this one, not an equal one
@@ -322,109 +319,6 @@ def _next_block_inputs(model: LanguageModel, block_index: int, batches: list) ->
     """Run block ``block_index`` on each batch: its outputs, with the same keyword arguments, are what
     the next block receives."""
     return [(model.run_block(block_index, *batch), batch[1]) for batch in batches]
-
-
-def _return_free_memory() -> None:
-    """Hand the memory freed by the run that just paused back to the system (glibc's malloc_trim).
-
-    glibc gives each thread its own malloc arena and keeps what a thread frees for that thread's later
-    use, so with one thread per batch every batch's transient peak (attention, MLP intermediates) would
-    stay resident at once. Measured on SmolLM2 (GPTQ, 4 batches of 8 x 512 tokens): peak RSS 720 MB above
-    the loaded model without this call, growing with the calibration set; none above it with the call,
-    which costs microseconds. A no-op where the C library has no malloc_trim."""
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
-
-
-@functools.lru_cache(maxsize=1)
-def _malloc_trim():
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return None
-
-
-class _Aborted(BaseException):
-    """Raised inside a paused run that will not be resumed; a BaseException, so model code that catches
-    Exception does not swallow it."""
-
-
-class _PausedRun:
-    """One batch's run of one block on a thread of its own, which stops wherever ``pause_at`` is called
-    (from a forward pre-hook) until the main thread lets it go on.
-
-    Exactly one thread works at any time: the main thread waits while a run goes on, and a run waits
-    while it is paused, so the runs are coroutines and the results do not depend on thread timing.
-    Grad mode is per thread in torch, so each run sets its own ``no_grad``.
-    """
-
-    NOT_STARTED, DONE = -1, math.inf
-    _local = threading.local()   # which run, if any, the current thread is
-
-    def __init__(self, model: LanguageModel, block_index: int, batch: Batch):
-        self.position = self.NOT_STARTED   # the group index it is paused at; DONE when it has finished
-        self.inputs: dict = {}               # group index -> the input tensor it stopped at
-        self.output: Optional[torch.Tensor] = None
-        self._error: Optional[BaseException] = None
-        self._aborted = False
-        self._go, self._stopped = threading.Semaphore(0), threading.Semaphore(0)
-        self._thread = threading.Thread(target=self._run, args=(model, block_index, batch), daemon=True,
-                                        name=f"quantlab-block-{block_index}")
-
-    @classmethod
-    def current(cls) -> Optional["_PausedRun"]:
-        return getattr(cls._local, "run", None)
-
-    def _run(self, model: LanguageModel, block_index: int, batch: Batch) -> None:
-        self._local.run = self
-        try:
-            with torch.no_grad():
-                self.output = model.run_block(block_index, *batch)
-        except _Aborted:
-            pass
-        except BaseException as error:   # re-raised on the main thread by advance()
-            self._error = error
-        finally:
-            self.position = self.DONE
-            self._stopped.release()
-
-    def pause_at(self, group_index: int) -> None:
-        """On the run's own thread: stop here until ``advance`` is called."""
-        self.position = group_index
-        self._stopped.release()
-        self._go.acquire()
-        if self._aborted:
-            raise _Aborted
-
-    def advance(self) -> None:
-        """On the main thread: let the run go on to its next pause, or to its end."""
-        if self.position == self.DONE:
-            return
-        if self.position == self.NOT_STARTED:
-            self._thread.start()
-        else:
-            self._go.release()
-        self._stopped.acquire()
-        _return_free_memory()
-        if self._error is not None:
-            raise self._error
-
-    def advance_to(self, group_index: int) -> None:
-        """Advance until the run is paused at ``group_index`` or a later group, or has finished."""
-        while self.position < group_index:
-            self.advance()
-
-    def finish(self) -> torch.Tensor:
-        self.advance_to(self.DONE)
-        return self.output
-
-    def abort(self) -> None:
-        """End a paused run without finishing it (after an error or Ctrl-C on the main thread)."""
-        if self.position not in (self.NOT_STARTED, self.DONE):
-            self._aborted = True
-            self._go.release()
-            self._thread.join()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -561,7 +455,7 @@ def _quantize_block_in_one_pass(quantized: QuantizedModel, block_index: int, gro
                                 calibration_batches: list, heldout_batches: list, solver: dict) -> tuple:
     """Quantize one block's groups in order while every batch runs through the block once.
 
-    Each batch runs on its own thread (a _PausedRun) and stops at the first Linear of each group.
+    Each batch runs on its own thread (a PausedRun) and stops at the first Linear of each group.
     Once every batch has stopped at group g, their inputs there are what group g reads with the groups
     before it already quantized: its Hessian. Group g is quantized, the batches go on to group g + 1,
     and so on; the batches' final outputs are the next block's inputs. So every Linear runs once per
@@ -573,12 +467,12 @@ def _quantize_block_in_one_pass(quantized: QuantizedModel, block_index: int, gro
     """
     model = quantized.base
     group_of = {model.module.get_submodule(name): g for g, group in enumerate(groups) for name in group.names}
-    runs = [_PausedRun(model, block_index, batch) for batch in calibration_batches + heldout_batches]
+    runs = [PausedRun(model, block_index, batch) for batch in calibration_batches + heldout_batches]
     calibration_runs, heldout_runs = runs[:len(calibration_batches)], runs[len(calibration_batches):]
     phase = 0   # the group being collected and quantized
 
     def stop_at_group(module, args):
-        run = _PausedRun.current()
+        run = PausedRun.current()
         g = group_of[module]
         # Another Linear of a group this batch already stopped at reads the same tensor: go on. A group
         # before the current phase (a batch that reaches groups in another order) is already quantized.

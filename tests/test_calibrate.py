@@ -9,6 +9,7 @@ from torch.nn import functional as F
 
 from quantlab import calibrate
 from quantlab.calibrate import InputStatistics, _input_groups, quantize_model
+from quantlab.paused import PausedRun
 from quantlab.gptq import gptq_quantize, relative_loss
 from quantlab.models.base import LanguageModel
 from quantlab.models.minigpt import CHECKPOINT_DIR, load_checkpoint
@@ -357,7 +358,7 @@ def test_an_error_inside_a_paused_block_run_reaches_the_caller_and_leaves_no_run
     model = make_minigpt()
 
     def fail(module, args):
-        if calibrate._PausedRun.current() is not None:
+        if PausedRun.current() is not None:
             raise ValueError("broken block")
 
     handle = model.module.get_submodule("blocks.1.mlp.c_proj").register_forward_pre_hook(fail)
