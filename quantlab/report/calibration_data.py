@@ -15,8 +15,8 @@ from quantlab.analysis import is_number, scheme_method
 SWEEP_KEY = "calibration.dataset"
 CAPTION = ("Perplexity and mean KL divergence to the baseline of each GPTQ scheme calibrated on each corpus, at "
            "equal calibration token counts, all evaluated on the same windows (so perplexity's bars are the paired "
-           "standard error against the baseline, not the windows' spread). Dashed: RTN on the same grid, which "
-           "draws no calibration data; dotted: the baseline's perplexity.")
+           "standard error against the baseline, not the windows' spread). Dashed, where the spec has one: RTN on "
+           "the same grid, which draws no calibration data; dotted: the baseline's perplexity.")
 
 
 def dataset_sweep(results):
