@@ -314,10 +314,14 @@ class BaselineLogProbs:
             out = np.lib.format.open_memmap(tmp, mode="w+", dtype=STORED_DTYPE, shape=self.shape)
             top1 = np.lib.format.open_memmap(tmp_top1, mode="w+", dtype=np.int32, shape=self.shape[:2])
             for start in range(0, self.shape[0], batch_size):
-                log_probs = self._compute(self.windows[start:start + batch_size])
-                out[start:start + len(log_probs)] = log_probs.to(torch.float16).cpu().numpy()
-                # The argmax of the float32 log-probs: float16 rounding can tie near-equal top tokens.
-                top1[start:start + len(log_probs)] = log_probs.argmax(-1).to(torch.int32).cpu().numpy()
+                with torch.inference_mode():
+                    logits = self.model.logits(self.windows[start:start + batch_size].to(self.device))
+                    for i in range(len(logits)):   # one window's log-probs at a time, as run_windows does
+                        log_probs = next_token_log_probs(logits[i:i + 1])[0]                   # (T-1, V)
+                        out[start + i] = log_probs.to(torch.float16).cpu().numpy()
+                        # The argmax of the float32 log-probs: float16 rounding can tie near-equal top tokens.
+                        top1[start + i] = log_probs.argmax(-1).to(torch.int32).cpu().numpy()
+                    del logits
             out.flush()
             top1.flush()
             del out, top1
