@@ -11,6 +11,9 @@ For INT4 g64 GPTQ (plain, and act-order + static groups) it prints:
   Linear work of one pass; 1.0 is every Linear once per token;
 - solve seconds (the GPTQ solves, summed over layers), statistics seconds (condition numbers, input
   spreads, the RTN loss beside GPTQ's) and their share of the quantize time;
+- Hessian seconds: accumulating H = X^T X / n, 2 x tokens x in^2 flops per input group, which for a
+  Llama block (the down projection reads the 3x wider MLP activations) is about as many flops as the
+  block's forward pass, so about one pass of the total whatever the pipeline;
 - the process's peak RSS.
 Speeds are ratios to the reference pass, with seconds beside them: machines differ, ratios less so.
 """
@@ -47,29 +50,32 @@ def linear_work():
 
 @contextlib.contextmanager
 def timed_statistics():
-    """Seconds spent in the per-layer statistics that are not the quantization itself: {"seconds": s}."""
+    """Seconds spent in the per-layer statistics that are not the quantization itself ({"seconds": s})
+    and in accumulating the Hessians X^T X ({"hessian": s})."""
     from quantlab import calibrate
 
-    spent = {"seconds": 0.0}
+    spent = {"seconds": 0.0, "hessian": 0.0}
     originals = {"relative_loss": calibrate.relative_loss}
-    summarize = calibrate.InputStatistics._summarize
+    summarize, add = calibrate.InputStatistics._summarize, calibrate.InputStatistics.add
 
-    def timing(function):
+    def timing(function, key="seconds"):
         def wrapper(*args, **kwargs):
             started = time.perf_counter()
             try:
                 return function(*args, **kwargs)
             finally:
-                spent["seconds"] += time.perf_counter() - started
+                spent[key] += time.perf_counter() - started
         return wrapper
 
     calibrate.relative_loss = timing(calibrate.relative_loss)
     calibrate.InputStatistics._summarize = timing(summarize)
+    calibrate.InputStatistics.add = timing(add, "hessian")
     try:
         yield spent
     finally:
         calibrate.relative_loss = originals["relative_loss"]
         calibrate.InputStatistics._summarize = summarize
+        calibrate.InputStatistics.add = add
 
 
 def reference_pass(model, calibration: torch.Tensor, batch_size: int) -> tuple:
@@ -105,15 +111,15 @@ def main(argv=None) -> None:
           f"{torch.get_num_threads()} torch threads")
     reference_seconds, one_pass = reference_pass(model, calibration, args.batch_size)
     print(f"reference: one forward pass through the blocks {reference_seconds:.1f} s")
-    print(f"{'configuration':26} {'quantize s':>10} {'x pass':>7} {'passes':>7} {'solve s':>8} {'stats s':>8} "
-          f"{'stats %':>8}")
+    print(f"{'configuration':26} {'quantize s':>10} {'x pass':>7} {'passes':>7} {'hessian s':>9} {'solve s':>8} "
+          f"{'stats s':>8} {'stats %':>8}")
     for label, options in CONFIGURATIONS.items():
         with linear_work() as work, timed_statistics() as statistics:
             quantized = quantize_model(model, Scheme(4, group_size=64), calibration, method="gptq",
                                        batch_size=args.batch_size, **options)
         solve = sum(layer["seconds"] for layer in quantized.layers.values())
         print(f"{label:26} {quantized.seconds:10.1f} {quantized.seconds / reference_seconds:7.2f} "
-              f"{work['macs'] / one_pass:7.2f} {solve:8.1f} {statistics['seconds']:8.1f} "
+              f"{work['macs'] / one_pass:7.2f} {statistics['hessian']:9.1f} {solve:8.1f} {statistics['seconds']:8.1f} "
               f"{100 * statistics['seconds'] / quantized.seconds:7.1f}%")
     print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
 
