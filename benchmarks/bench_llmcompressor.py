@@ -33,7 +33,8 @@ For each configuration (``--act-order off``: act-order off on both sides, llm-co
 ``on``: quantlab ``act_order=True, static_groups=True`` against llm-compressor ``actorder="static"``) it prints:
 - reference: one forward pass of the calibration set through the blocks (bench_calibrate.reference_pass);
 - each tool's wall seconds, their ratio to the reference pass, and block passes (Linear work over one
-  pass's Linear work, counted by a forward pre-hook on every nn.Linear call, as bench_calibrate does);
+  pass's Linear work, counted by a forward hook on every nn.Linear call that computed its output, as
+  bench_calibrate counts; llm-compressor's meta-device lm_head calls are not counted);
 - quantlab seconds / llm-compressor seconds (issue 13's target: <= 0.5);
 - Shakespeare test perplexity (8 windows of 512 tokens) of the float model and of both quantized models,
   with KL divergence to the float model and top-1 agreement (``--no-eval`` skips it);
@@ -45,6 +46,7 @@ norms, lm_head) in float16 where llm-compressor leaves them float32.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import os
 import resource
@@ -54,9 +56,29 @@ import tempfile
 import time
 
 import torch
+from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_calibrate import linear_work, reference_pass  # noqa: E402
+from bench_calibrate import reference_pass  # noqa: E402
+
+
+@contextlib.contextmanager
+def linear_work():
+    """bench_calibrate.linear_work, counted after the call and only for Linear outputs that were computed:
+    llm-compressor's calibration context patches lm_head to return a meta tensor (no work), which a
+    pre-hook would count as 0.53 of a pass on SmolLM2 (two lm_head calls per token)."""
+    counted = {"macs": 0}
+
+    def count(module, args, output):
+        if isinstance(module, nn.Linear) and isinstance(output, torch.Tensor) and output.device.type != "meta":
+            x = args[0]
+            counted["macs"] += x.numel() // x.shape[-1] * module.in_features * module.out_features
+
+    handle = nn.modules.module.register_module_forward_hook(count)
+    try:
+        yield counted
+    finally:
+        handle.remove()
 
 CONFIGURATIONS = {
     "off": ("gptq", {}, None),
