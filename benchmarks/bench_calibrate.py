@@ -33,15 +33,17 @@ CONFIGURATIONS = {"gptq": {}, "gptq act-order + static": {"act_order": True, "st
 
 @contextlib.contextmanager
 def linear_work():
-    """Counts tokens x in x out over every nn.Linear call while the block is open: {"macs": n}."""
+    """Counts tokens x in x out over every nn.Linear call that computed an output while the block is
+    open: {"macs": n}. Counted after the call, so a call stopped by a hook, or one that returns a
+    meta-device placeholder (llm-compressor's lm_head while calibrating), is no work."""
     counted = {"macs": 0}
 
-    def count(module, args):
-        if isinstance(module, nn.Linear):
+    def count(module, args, output):
+        if isinstance(module, nn.Linear) and isinstance(output, torch.Tensor) and output.device.type != "meta":
             x = args[0]
             counted["macs"] += x.numel() // x.shape[-1] * module.in_features * module.out_features
 
-    handle = nn.modules.module.register_module_forward_pre_hook(count)
+    handle = nn.modules.module.register_module_forward_hook(count)
     try:
         yield counted
     finally:

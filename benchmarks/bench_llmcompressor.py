@@ -46,7 +46,6 @@ norms, lm_head) in float16 where llm-compressor leaves them float32.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import os
 import resource
@@ -56,29 +55,10 @@ import tempfile
 import time
 
 import torch
-from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_calibrate import reference_pass  # noqa: E402
+from bench_calibrate import linear_work, reference_pass  # noqa: E402
 
-
-@contextlib.contextmanager
-def linear_work():
-    """bench_calibrate.linear_work, counted after the call and only for Linear outputs that were computed:
-    llm-compressor's calibration context patches lm_head to return a meta tensor (no work), which a
-    pre-hook would count as 0.53 of a pass on SmolLM2 (two lm_head calls per token)."""
-    counted = {"macs": 0}
-
-    def count(module, args, output):
-        if isinstance(module, nn.Linear) and isinstance(output, torch.Tensor) and output.device.type != "meta":
-            x = args[0]
-            counted["macs"] += x.numel() // x.shape[-1] * module.in_features * module.out_features
-
-    handle = nn.modules.module.register_module_forward_hook(count)
-    try:
-        yield counted
-    finally:
-        handle.remove()
 
 CONFIGURATIONS = {
     "off": ("gptq", {}, None),
