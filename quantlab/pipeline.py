@@ -164,6 +164,8 @@ class SpecRun:
             "code": code_version(), "versions": result_versions(), "model": spec.model,
             "model_sha": self.model_checksum, "scheme": cfg.describe(), "keep": spec.keep,
             "evaluation": vars(spec.evaluation), "device": self.device,
+            # float32 reductions split differently over threads: GPTQ's codes move with the count
+            "torch_threads": torch.get_num_threads(),
             "data": [data_checksum(spec.evaluation.dataset)] + [data_checksum(t, "task") for t in spec.evaluation.tasks],
         }
         if cfg.needs_calibration:

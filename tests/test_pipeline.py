@@ -78,6 +78,18 @@ def test_library_versions_are_part_of_every_key(tmp_path, monkeypatch):
     assert all(before[name] != after[name] for name in before)
 
 
+def test_the_torch_thread_count_is_part_of_every_key(tmp_path):
+    # Float32 reductions split differently over threads: GPTQ codes (and so perplexities) move with the
+    # thread count, so a cache filled on one count must not answer for another.
+    from quantlab.gptq import torch_threads
+
+    with torch_threads(1):
+        one = keys(spec_of(), tmp_path)
+    with torch_threads(2):
+        two = keys(spec_of(), tmp_path)
+    assert all(one[name] != two[name] for name in one)
+
+
 def test_a_user_corpus_keys_on_the_content_of_exactly_the_files_read(tmp_path):
     folder = tmp_path / "corpus"
     folder.mkdir()
