@@ -52,7 +52,9 @@ def main() -> None:
         recipe = AWQModifier(config_groups=config_groups, ignore=["lm_head"], duo_scaling=args.duo_scaling == "true")
     dataset = Dataset.from_dict({"input_ids": windows.tolist(), "attention_mask": torch.ones_like(windows).tolist()})
     started = time.perf_counter()
-    oneshot(model=model.module, dataset=dataset, recipe=recipe, num_calibration_samples=len(windows),
+    # oneshot insists on a processor whenever a dataset is given, even one already tokenized.
+    oneshot(model=model.module, tokenizer=model.hf_tokenizer, dataset=dataset, recipe=recipe,
+            num_calibration_samples=len(windows),
             max_seq_length=512, shuffle_calibration_samples=False, pipeline="sequential" if not args.no_awq else "independent")
     seconds = time.perf_counter() - started
     metrics = evaluate(model, plan, baseline=baseline)
