@@ -40,69 +40,69 @@ class SwappedModel:
 
     def __init__(self, base, values: Values):
         self.base, self.values = base, values
+        # Which parameters are swapped where, worked out once: every call (a window batch) reuses it.
+        params = dict(base.module.named_parameters())
+        unknown = sorted(set(values) - set(params))
+        if unknown:
+            raise KeyError(f"{base.name} has no parameter {unknown[0]} to swap")
+        self._wanted = {id(params[name]): value for name, value in values.items()}
+        in_blocks = {id(p) for block in base.blocks for p in block.parameters()}
+        # Modules inside blocks that own swapped parameters: swapped per call of the module.
+        self._owners = [(owner, owned) for block in base.blocks for owner in block.modules()
+                        if (owned := [p for p in owner.parameters(recurse=False) if id(p) in self._wanted])]
+        # The rest: swapped for the whole call into the model.
+        self._outside = [params[name] for name in values if id(params[name]) not in in_blocks]
 
     def __getattr__(self, name: str):
         return getattr(self.base, name)
 
     def logits(self, tokens: torch.Tensor) -> torch.Tensor:
-        with swapped(self.base, self.values):
+        with self._swapped():
             return self.base.logits(tokens)
 
     def run_block(self, block_index: int, hidden: torch.Tensor, kwargs) -> torch.Tensor:
-        with swapped(self.base, self.values):
+        with self._swapped():
             return self.base.run_block(block_index, hidden, kwargs)
 
     def block_inputs(self, tokens: torch.Tensor):
-        with swapped(self.base, self.values):
+        with self._swapped():
             return self.base.block_inputs(tokens)
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
-        with swapped(self.base, self.values):
+        with self._swapped():
             return self.base.head(hidden)
 
+    @contextlib.contextmanager
+    def _swapped(self) -> Iterator[None]:
+        """Inside, the base model computes with the values (module docstring: which are swapped per
+        module call and which for the whole call). Restored on the way out, errors included."""
+        if not self.values:
+            yield
+            return
+        saved: dict = {}   # id(parameter) -> (parameter, its float data)
 
-@contextlib.contextmanager
-def swapped(model, values: Values) -> Iterator[None]:
-    """Inside, ``model.module`` computes with ``values`` (module docstring: which are swapped per
-    module call and which for the whole block of code). Restored on the way out, errors included."""
-    if not values:
-        yield
-        return
-    module = model.module
-    params = dict(module.named_parameters())
-    unknown = sorted(set(values) - set(params))
-    if unknown:
-        raise KeyError(f"{model.name} has no parameter {unknown[0]} to swap")
-    wanted = {id(params[name]): value for name, value in values.items()}
-    in_blocks = {id(p) for block in model.blocks for p in block.parameters()}
-    saved: dict = {}   # id(parameter) -> (parameter, its float data)
+        def swap_in(parameters) -> None:
+            for p in parameters:
+                if id(p) not in saved:
+                    saved[id(p)] = (p, p.data)
+                    p.data = self._wanted[id(p)](p.data)
 
-    def swap_in(parameters) -> None:
-        for p in parameters:
-            if id(p) not in saved:
-                saved[id(p)] = (p, p.data)
-                p.data = wanted[id(p)](p.data)
+        def swap_out(parameters) -> None:
+            for p in parameters:
+                if id(p) in saved:
+                    p.data = saved.pop(id(p))[1]
 
-    def swap_out(parameters) -> None:
-        for p in parameters:
-            if id(p) in saved:
-                p.data = saved.pop(id(p))[1]
-
-    handles = []
-    for block in model.blocks:
-        for owner in block.modules():
-            owned = [p for p in owner.parameters(recurse=False) if id(p) in wanted]
-            if owned:
-                handles.append(owner.register_forward_pre_hook(lambda m, args, owned=owned: swap_in(owned)))
-                handles.append(owner.register_forward_hook(lambda m, args, out, owned=owned: swap_out(owned)))
-    outside = [params[name] for name in values if id(params[name]) not in in_blocks]
-    try:
-        swap_in(outside)
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-        swap_out([p for p, _ in list(saved.values())])   # a call that raised leaves its module swapped in
+        handles = []
+        for owner, owned in self._owners:
+            handles.append(owner.register_forward_pre_hook(lambda m, args, owned=owned: swap_in(owned)))
+            handles.append(owner.register_forward_hook(lambda m, args, out, owned=owned: swap_out(owned)))
+        try:
+            swap_in(self._outside)
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+            swap_out([p for p, _ in list(saved.values())])   # a call that raised leaves its module swapped in
 
 
 def materialize(module: nn.Module, values: Values) -> None:
