@@ -62,6 +62,14 @@ DEFAULT_MAX_CACHED_BYTES = 1 << 30
 # SmolLM2 on 32,768 tokens would write 3.2 GB into the cache directory on every protocol change, which a
 # shared CI disk may not have. Above this size the file is not written and the in-memory rules apply.
 DEFAULT_MAX_FILE_BYTES = 2 << 30
+# Vocabulary-wide float32 log-probs are the largest tensors evaluation makes (SmolLM2: 100 MB per 512-token
+# window); they are computed for as many windows of a batch at a time as fit in this, at least one.
+LOG_PROBS_CHUNK_BYTES = 64 << 20
+
+
+def windows_per_chunk(seq_len: int, vocab_size: int) -> int:
+    """How many windows' (seq_len - 1, vocab_size) float32 log-probs fit in LOG_PROBS_CHUNK_BYTES (>= 1)."""
+    return max(1, LOG_PROBS_CHUNK_BYTES // (max(seq_len - 1, 1) * vocab_size * 4))
 
 # How the baseline's log-probs are stored on disk: float16, as llama.cpp's KL-divergence base file.
 STORED_DTYPE = np.float16
@@ -316,11 +324,13 @@ class BaselineLogProbs:
             for start in range(0, self.shape[0], batch_size):
                 with torch.inference_mode():
                     logits = self.model.logits(self.windows[start:start + batch_size].to(self.device))
-                    for i in range(len(logits)):   # one window's log-probs at a time, as run_windows does
-                        log_probs = next_token_log_probs(logits[i:i + 1])[0]                   # (T-1, V)
-                        out[start + i] = log_probs.to(torch.float16).cpu().numpy()
+                    chunk = windows_per_chunk(self.shape[1] + 1, self.shape[2])   # as run_windows does
+                    for i in range(0, len(logits), chunk):
+                        log_probs = next_token_log_probs(logits[i:i + chunk])                 # (n, T-1, V)
+                        out[start + i:start + i + len(log_probs)] = log_probs.to(torch.float16).cpu().numpy()
                         # The argmax of the float32 log-probs: float16 rounding can tie near-equal top tokens.
-                        top1[start + i] = log_probs.argmax(-1).to(torch.int32).cpu().numpy()
+                        top1[start + i:start + i + len(log_probs)] = \
+                            log_probs.argmax(-1).to(torch.int32).cpu().numpy()
                     del logits
             out.flush()
             top1.flush()
@@ -401,23 +411,24 @@ def run_windows(model: LanguageModel, plan: EvalPlan, baseline: Optional[Baselin
         # kernels would otherwise make the two differ); stored or cached log-probs are read per window.
         recomputed = (baseline.for_windows(start, batch)
                       if baseline is not None and baseline.model is not model and baseline.recomputes else None)
-        # Then one window at a time: vocabulary-wide log-probs are the largest tensors evaluation makes
-        # (SmolLM2: 100 MB per 512-token window), and a few per window are held instead of a few per batch.
-        for i in range(len(batch)):
-            log_probs = next_token_log_probs(logits[i:i + 1])                  # (1, T-1, V)
-            targets = batch[i:i + 1, 1:].to(plan.device)                       # (1, T-1)
+        # Then a chunk of windows at a time (windows_per_chunk): a few vocabulary-wide log-prob tensors
+        # of that size are held, not of the whole batch; one window at a time for SmolLM2.
+        chunk = windows_per_chunk(batch.shape[1], logits.shape[-1])
+        for i in range(0, len(batch), chunk):
+            log_probs = next_token_log_probs(logits[i:i + chunk])              # (n, T-1, V)
+            targets = batch[i:i + chunk, 1:].to(plan.device)                   # (n, T-1)
             nll.append(token_nll(log_probs, targets).cpu())
             if baseline is None:
                 continue
             # The baseline scored against itself is its own logits: exact (KL 0), not the stored float16
             # copy, and no second read.
             if baseline.model is model:
-                baseline.check_windows(start + i, batch[i:i + 1])
+                baseline.check_windows(start + i, batch[i:i + chunk])
                 reference = log_probs
             elif recomputed is not None:
-                reference = recomputed[i:i + 1]
+                reference = recomputed[i:i + chunk]
             else:
-                reference = baseline.for_windows(start + i, batch[i:i + 1])   # (1, T-1, V)
+                reference = baseline.for_windows(start + i, batch[i:i + chunk])   # (n, T-1, V)
             if reference.shape[-1] != log_probs.shape[-1]:
                 raise ValueError(f"the baseline has {reference.shape[-1]} logits per position and the model "
                                  f"{log_probs.shape[-1]}: KL divergence needs the same vocabulary")

@@ -239,6 +239,21 @@ def test_a_scheme_and_a_recomputed_baseline_sharing_one_float_model_each_compute
     assert shared["ppl"] == pytest.approx(separate["ppl"], rel=1e-6)
 
 
+def test_log_probs_taken_a_window_at_a_time_give_the_numbers_of_the_whole_batch(make_minigpt, monkeypatch,
+                                                                                 tmp_path):
+    # SmolLM2-sized vocabularies are processed one window at a time (windows_per_chunk): same numbers.
+    from quantlab import evaluate as evaluate_module
+
+    model, other = make_minigpt(), perturbed(make_minigpt())
+    plan = EvalPlan(random_bytes(600), seq_len=64, batch_size=4)
+    whole = evaluate(other, plan, BaselineLogProbs(model, plan, path=tmp_path / "whole.npy"))
+    monkeypatch.setattr(evaluate_module, "LOG_PROBS_CHUNK_BYTES", 1)
+    assert evaluate_module.windows_per_chunk(64, model.vocab_size) == 1
+    windowed = evaluate(other, plan, BaselineLogProbs(model, plan, path=tmp_path / "windowed.npy"))
+    for key in ("ppl", "kld_mean", "top1_agreement", "ppl_gap"):
+        assert windowed[key] == whole[key], key
+
+
 def test_baseline_for_other_windows_is_refused(make_minigpt):
     model = make_minigpt()
     baseline = BaselineLogProbs(model, EvalPlan(random_bytes(128, seed=0), seq_len=64))
