@@ -48,6 +48,7 @@ from quantlab.accounting import KEEP_KINDS, deployable_bytes, kept_module_values
 from quantlab.awq import awq_search, scaled_hessian
 from quantlab.mixed import MixedScheme, plan_mixed
 from quantlab.quant import FLOAT_DTYPES, FloatScheme, Scheme, quantize_rtn
+from quantlab.offload import TensorStore, offload_of, resident
 from quantlab.paused import Batch, PausedRun
 from quantlab.swap import SwappedModel, Values, materialize
 
@@ -124,6 +125,9 @@ class QuantizedModel:
         what reads parameters rather than running the model (exporting a checkpoint)."""
         if self.weights_in_base:
             return self.base
+        if offload_of(self.base) is not None:
+            raise ValueError(f"{self.base.name} is offloaded (its blocks are read one at a time), so it cannot be "
+                             "copied whole with these weights; export it from a model loaded whole (offload: false)")
         model = copy_model(self.base)
         materialize(model.module, self.values())
         return model
@@ -353,6 +357,11 @@ def quantize_model(model: LanguageModel, scheme: Union[Scheme, FloatScheme, Mixe
         raise ValueError(f"awq=True applies to method 'gptq' (AWQ then GPTQ); for AWQ then round-to-nearest use "
                          f"method 'awq', got method {method!r}")
     quantized = QuantizedModel(base=model, scheme=scheme, method=method, awq=awq or method == "awq")
+    offload = offload_of(model)
+    if offload is not None:
+        _check_offloadable(model, scheme)
+        # The codes of a model larger than memory would not fit either: each QTensor goes to a file.
+        quantized.qtensors = TensorStore(offload.scratch)
     with torch.no_grad():
         if isinstance(scheme, FloatScheme):
             quantized.replaced = _float_values(model, scheme)
@@ -368,8 +377,11 @@ def quantize_model(model: LanguageModel, scheme: Union[Scheme, FloatScheme, Mixe
                 quantized.mixed_plan = plan_mixed(model, calibration, scheme, batch_size=batch_size)
                 quantized.layer_schemes = quantized.mixed_plan.schemes
             solver = dict(damp=damp, block_size=block_size, act_order=act_order, static_groups=static_groups)
-            _quantize_blocks(quantized, calibration, heldout, solver, batch_size, progress)
-            quantized.replaced = kept_module_values(model, set(quantized.qtensors), keep)
+            _quantize_blocks(quantized, calibration, heldout, solver, batch_size, progress, keep)
+            if offload is None:
+                quantized.replaced = kept_module_values(model, set(quantized.qtensors), keep)
+            else:   # the blocks' kept values were taken while each was resident; now the rest
+                quantized.replaced.update(_kept_values_outside_blocks(model, set(quantized.qtensors), keep))
         quantized.bytes = deployable_bytes(model, quantized.qtensors, scheme, keep, input_scales=quantized.input_scales)
     quantized.seconds = time.perf_counter() - started
     return quantized
@@ -410,6 +422,32 @@ def _validate(model, scheme, calibration, heldout, method, batch_size) -> None:
                              "were they encoded with this model's tokenizer?")
 
 
+def _check_offloadable(model: LanguageModel, scheme) -> None:
+    """Refuse what an offloaded model (quantlab.offload) cannot do without holding every block."""
+    if isinstance(scheme, MixedScheme):
+        raise ValueError(f"{scheme.describe()} measures every layer's sensitivity on the whole model first; "
+                         "an offloaded model quantizes block by block only: load it whole (offload: false)")
+    if isinstance(scheme, FloatScheme):
+        dtype = FLOAT_DTYPES[scheme.dtype]
+        if any(p.dtype != dtype for p in model.module.parameters()):
+            raise ValueError(f"{scheme.describe()} would round every parameter of {model.name}, which is offloaded "
+                             "(its blocks are read one at a time); use the dtype it is loaded in (float32) for "
+                             "the float baseline, or load it whole (offload: false)")
+
+
+def _block_kept_values(model: LanguageModel, block_index: int, quantized_linears: set, keep) -> dict:
+    """kept_module_values of block ``block_index`` alone (an offloaded model's, while it is resident)."""
+    prefix = model.block_prefix(block_index) + "."
+    return {name: value for name, value in kept_module_values(model, quantized_linears, keep).items()
+            if name.startswith(prefix)}
+
+
+def _kept_values_outside_blocks(model: LanguageModel, quantized_linears: set, keep) -> dict:
+    prefixes = tuple(model.block_prefix(b) + "." for b in range(len(model.blocks)))
+    return {name: value for name, value in kept_module_values(model, quantized_linears, keep).items()
+            if not name.startswith(prefixes)}
+
+
 def copy_model(model: LanguageModel) -> LanguageModel:
     """The model with its own copy of the weights; tokenizers and other fields are shared, read-only."""
     memo = {}
@@ -426,29 +464,40 @@ def _float_values(model: LanguageModel, scheme: FloatScheme) -> dict:
 
 
 def _quantize_blocks(quantized: QuantizedModel, calibration, heldout, solver: dict, batch_size: int,
-                     progress: bool) -> None:
+                     progress: bool, keep=KEEP_KINDS) -> None:
     model = quantized.base
     calibration_batches = _first_block_inputs(model, calibration, batch_size)
     heldout_batches = _first_block_inputs(model, heldout, batch_size)
     blocks = tqdm(range(len(model.blocks)), desc=f"{quantized.method} {quantized.scheme.describe()}",
                   unit="block", disable=not progress)
     for b in blocks:
-        groups = _input_groups(model, b, calibration_batches)
-        # Without calibration, every Linear; with it, any the block never called: RTN, and say so.
-        # First, so that held-out batches that do reach such a Linear see its final weights.
-        grouped = {name for group in groups for name in group.names}
-        for name in model.linear_names(b):
-            if name not in grouped:
-                _quantize_layer(quantized, name, None, None, solver, calibrated=bool(calibration_batches))
-        if all(group.called_once for group in groups):
-            step = _quantize_block_in_one_pass
-        else:
-            step = _quantize_block_by_reruns
-        try:
-            calibration_batches, heldout_batches = step(quantized, b, groups, calibration_batches,
-                                                        heldout_batches, solver)
-        finally:
-            _restore_float_weights(quantized)
+        # An offloaded model's block is read once for its whole step (quantlab.offload); a no-op otherwise.
+        with resident(model, b):
+            calibration_batches, heldout_batches = _quantize_block(quantized, b, calibration_batches,
+                                                                   heldout_batches, solver)
+            if offload_of(model) is not None:
+                quantized.replaced.update(_block_kept_values(model, b, set(quantized.qtensors), keep))
+
+
+def _quantize_block(quantized: QuantizedModel, b: int, calibration_batches: list, heldout_batches: list,
+                    solver: dict) -> tuple:
+    """Quantize block ``b``'s Linears; returns the next block's (calibration, held-out) inputs."""
+    model = quantized.base
+    groups = _input_groups(model, b, calibration_batches)
+    # Without calibration, every Linear; with it, any the block never called: RTN, and say so.
+    # First, so that held-out batches that do reach such a Linear see its final weights.
+    grouped = {name for group in groups for name in group.names}
+    for name in model.linear_names(b):
+        if name not in grouped:
+            _quantize_layer(quantized, name, None, None, solver, calibrated=bool(calibration_batches))
+    if all(group.called_once for group in groups):
+        step = _quantize_block_in_one_pass
+    else:
+        step = _quantize_block_by_reruns
+    try:
+        return step(quantized, b, groups, calibration_batches, heldout_batches, solver)
+    finally:
+        _restore_float_weights(quantized)
 
 
 def _quantize_block_in_one_pass(quantized: QuantizedModel, block_index: int, groups: list,

@@ -44,6 +44,7 @@ from torch.nn import functional as F
 from quantlab import statistics
 from quantlab.metrics import FAMILIES, METRICS, ppl_gap
 from quantlab.models.base import LanguageModel
+from quantlab.offload import block_major_logits, is_placeholder, offload_of
 from quantlab.results import finite as finite_or_none
 
 # Per-window means kept in each scheme's result, so two schemes can be compared window by window.
@@ -283,13 +284,14 @@ class BaselineLogProbs:
                 if self.stored is None:
                     raise OSError(f"the baseline log-probs written to {self.path} could not be read back")
             return
-        model.module.to(plan.device)
+        place(model, plan.device)
         cache_bytes = n_windows * (seq_len - 1) * model.vocab_size * 4
         if cache_bytes <= max_cached_bytes:
-            self.cached = torch.cat([
-                self._compute(self.windows[start:start + plan.batch_size]).cpu()
-                for start in range(0, n_windows, plan.batch_size)
-            ])
+            with torch.inference_mode():
+                self.cached = torch.cat([
+                    next_token_log_probs(logits).cpu()
+                    for _, _, logits in window_logits(model, self.windows, plan.batch_size, plan.device)
+                ])
 
     @torch.inference_mode()
     def _compute(self, windows: torch.Tensor) -> torch.Tensor:
@@ -317,13 +319,12 @@ class BaselineLogProbs:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
         tmp_top1 = self.top1_path.with_name(f"{self.top1_path.name}.{os.getpid()}.tmp")
-        self.model.module.to(self.device)
+        place(self.model, self.device)
         try:
             out = np.lib.format.open_memmap(tmp, mode="w+", dtype=STORED_DTYPE, shape=self.shape)
             top1 = np.lib.format.open_memmap(tmp_top1, mode="w+", dtype=np.int32, shape=self.shape[:2])
-            for start in range(0, self.shape[0], batch_size):
-                with torch.inference_mode():
-                    logits = self.model.logits(self.windows[start:start + batch_size].to(self.device))
+            with torch.inference_mode():   # around the loop: the logits are computed as it asks for them
+                for start, _, logits in window_logits(self.model, self.windows, batch_size, self.device):
                     chunk = windows_per_chunk(self.shape[1] + 1, self.shape[2])   # as run_windows does
                     for i in range(0, len(logits), chunk):
                         log_probs = next_token_log_probs(logits[i:i + chunk])                 # (n, T-1, V)
@@ -399,13 +400,11 @@ def run_windows(model: LanguageModel, plan: EvalPlan, baseline: Optional[Baselin
     if plan.seq_len > model.max_seq_len:
         raise ValueError(f"seq_len {plan.seq_len} is longer than {model.name}'s context of {model.max_seq_len} "
                          f"tokens; set seq_len to at most {model.max_seq_len}")
-    model.module.to(plan.device)
+    place(model, plan.device)
     started = time.perf_counter()
     nll, baseline_nll, kld, agree = [], [], [], []
     nonfinite = 0
-    for start in range(0, len(windows), plan.batch_size):
-        batch = windows[start:start + plan.batch_size]
-        logits = model.logits(batch.to(plan.device))                           # (B, T, V)
+    for start, batch, logits in window_logits(model, windows, plan.batch_size, plan.device):   # (B, T, V)
         nonfinite += count_nonfinite(logits)
         # A baseline recomputed here runs on the whole batch, as the scheme did (batch-size-dependent
         # kernels would otherwise make the two differ); stored or cached log-probs are read per window.
@@ -442,6 +441,30 @@ def run_windows(model: LanguageModel, plan: EvalPlan, baseline: Optional[Baselin
     return WindowPass(nll=torch.cat(nll), baseline_nll=_cat_or_none(baseline_nll), kld=_cat_or_none(kld),
                       top1_agree=_cat_or_none(agree), nonfinite_logits=nonfinite,
                       forward_tokens=windows.numel(), seconds=seconds)
+
+
+def window_logits(model: LanguageModel, windows: torch.Tensor, batch_size: int, device: str):
+    """(start, windows, logits (B, T, V)) for consecutive rows of ``windows``: ``model.logits`` on each
+    batch of ``batch_size`` windows. A model whose blocks are read on demand (quantlab.offload) runs
+    every batch through one block before the next is read instead, then its head on as many windows at
+    a time as windows_per_chunk allows, so each block is read once per pass and no batch's logits are held."""
+    if offload_of(model) is not None:
+        head_windows = windows_per_chunk(windows.shape[1], model.vocab_size)
+        yield from block_major_logits(model, windows, batch_size, head_windows, device)
+        return
+    for start in range(0, len(windows), batch_size):
+        batch = windows[start:start + batch_size]
+        yield start, batch, model.logits(batch.to(device))
+
+
+def place(model: LanguageModel, device: str) -> None:
+    """Move the model to ``device``; an offloaded model reads its blocks onto its own device, which must be it."""
+    offload = offload_of(model)
+    if offload is None:
+        model.module.to(device)
+    elif torch.device(device) != offload.device:
+        raise ValueError(f"{model.name} is offloaded onto {offload.device} (its blocks are read there one at a "
+                         f"time) and cannot move to {device}; load it with device {device}")
 
 
 def _cat_or_none(parts: list[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -497,7 +520,7 @@ def continuation_log_likelihoods(model: LanguageModel, sequences, batch_tokens: 
     """Summed log-likelihood of each continuation given its context: (len(sequences),) float64, and the
     number of non-finite logits seen. Sequences are batched by length and right-padded; a causal model
     never looks right, so padding changes no scored position."""
-    model.module.to(device)
+    place(model, device)
     scores = torch.empty(len(sequences), dtype=torch.float64)
     nonfinite = 0
     lengths = [len(context) + len(continuation) for context, continuation, _ in sequences]
@@ -593,7 +616,8 @@ def task_accuracy(model: LanguageModel, items, length_normalize: bool = False, b
 def nan_count(model: LanguageModel) -> int:
     """NaN and Inf elements in the model's parameters and buffers (tied tensors counted once)."""
     tensors = list(model.module.parameters()) + list(model.module.buffers())
-    unique = {id(t): t for t in tensors}.values()
+    # An offloaded model's blocks that are not resident hold placeholders (NaN, no storage): not weights.
+    unique = {id(t): t for t in tensors if not is_placeholder(t)}.values()
     return sum(count_nonfinite(t.detach()) for t in unique)
 
 

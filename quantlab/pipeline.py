@@ -49,7 +49,14 @@ class SpecRun:
     def model(self):
         from quantlab.models import load_model
 
-        log.info("loading %s", self.spec.model)
+        log.info("loading %s%s", self.spec.model, " (offloaded: blocks read one at a time)" if self.spec.offload else "")
+        if self.spec.offload:
+            from quantlab.models.hf import load_hf
+            from quantlab.models.registry import hf_path
+
+            # Its quantizations keep their codes in files beside the cache's results (or in a temporary directory).
+            scratch = self.cache.directory / "offload" if self.cache.enabled else None
+            return load_hf(hf_path(self.spec.model), self.device, name=self.spec.model, offload=True, scratch=scratch)
         return load_model(self.spec.model, device=self.device)
 
     @cached_property

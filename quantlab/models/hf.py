@@ -28,6 +28,7 @@ class HFModel(LanguageModel):
 
     hf_tokenizer: Any = None            # the transformers tokenizer; read-only, so copies may share it
     head_names: tuple[str, ...] = ()    # modules turning the last block's output into logits, in call order
+    offload: Any = None                 # quantlab.offload.BlockOffload when blocks are read on demand, else None
 
     def logits(self, tokens: torch.Tensor) -> torch.Tensor:
         # No KV cache: every call is one full causal pass over the window.
@@ -51,10 +52,14 @@ class HFModel(LanguageModel):
 
 
 def load_hf(path, device: str = "cpu", dtype: torch.dtype = torch.float32, *,
-            name: str | None = None, gguf_file: str | None = None, source: dict | None = None) -> HFModel:
+            name: str | None = None, gguf_file: str | None = None, source: dict | None = None,
+            offload: bool = False, scratch=None) -> HFModel:
     """Load a local Hugging Face causal LM directory (config, weights, tokenizer files), never a hub.
 
     ``gguf_file`` names a GGUF file inside ``path`` instead: transformers dequantizes it to ``dtype``.
+    ``offload``: read the decoder blocks from the directory's safetensors files only while each is
+    computed (quantlab.offload), for a model larger than memory; the other weights are loaded.
+    ``scratch``: the directory its quantizations write their codes to (default: a temporary one).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -63,6 +68,10 @@ def load_hf(path, device: str = "cpu", dtype: torch.dtype = torch.float32, *,
         raise FileNotFoundError(
             f"{path} is not a directory; hf:PATH needs a local Hugging Face model directory "
             "(config.json, weights and tokenizer files, as written by save_pretrained)")
+    if offload:
+        if gguf_file:
+            raise ValueError("offload reads safetensors checkpoints block by block; a GGUF file is loaded whole")
+        return load_hf_offloaded(path, device, dtype, name=name, source=source, scratch=scratch)
     gguf_kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, **gguf_kwargs)
     module = AutoModelForCausalLM.from_pretrained(
@@ -71,12 +80,47 @@ def load_hf(path, device: str = "cpu", dtype: torch.dtype = torch.float32, *,
     return wrap_hf(module, tokenizer, name or f"hf:{path}", source=source)
 
 
-def wrap_hf(module: nn.Module, tokenizer, name: str, source: dict | None = None) -> HFModel:
+def load_hf_offloaded(path: Path, device: str = "cpu", dtype: torch.dtype = torch.float32, *,
+                      name: str | None = None, source: dict | None = None, scratch=None) -> HFModel:
+    """``load_hf(..., offload=True)``: the model built from config.json without weights (meta tensors;
+    buffers such as rotary frequencies are real), its non-block weights read, its blocks left to
+    quantlab.offload.BlockOffload, which reads each from the safetensors files while it computes."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.pytorch_utils import Conv1D
+
+    from quantlab.offload import BlockOffload, checkpoint_files
+
+    files = checkpoint_files(path)   # first: a directory without safetensors is refused before any work
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    with init_empty_weights(include_buffers=False):
+        module = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if any(isinstance(m, Conv1D) for m in module.modules()):
+        raise ValueError(f"{type(module).__name__} stores its Linears as transformers Conv1D (transposed), which "
+                         "offload does not read; load this model whole (offload: false)")
+    for m in module.modules():   # buffers were built real (on the CPU): move them, the parameters are meta
+        for key, buffer in m._buffers.items():
+            if buffer is not None:
+                m._buffers[key] = buffer.to(device)
+    _, blocks = find_blocks(module)
+    offload = BlockOffload(module, blocks, files, dtype, device, scratch=scratch)
+    offload.load_outside_blocks()
+    offload.install_hooks()
+    source = source or {"kind": "hf", "path": str(path.resolve()), "offload": True}
+    model = wrap_hf(module, tokenizer, name or f"hf:{path}", source=source, trace_blocks=False)
+    model.offload = offload
+    return model
+
+
+def wrap_hf(module: nn.Module, tokenizer, name: str, source: dict | None = None,
+            trace_blocks: bool = True) -> HFModel:
     """Put an in-process transformers causal LM behind the LanguageModel interface.
 
     Takes ownership of ``module``: it is switched to eval mode, its gradients are turned off (this is
     an inference-only object, and a forward pass then never builds an autograd graph), and any Conv1D
-    is replaced by an equivalent nn.Linear.
+    is replaced by an equivalent nn.Linear. ``trace_blocks=False``: the blocks are not run while the
+    head is traced (an offloaded model's would each be read from disk), see trace_head.
     """
     replace_conv1d_with_linear(module)
     module.eval()
@@ -89,7 +133,8 @@ def wrap_hf(module: nn.Module, tokenizer, name: str, source: dict | None = None)
     return HFModel(
         name=name, module=module, blocks=blocks, vocab_size=lm_head.weight.shape[0],
         max_seq_len=context_length(module), tokenizer=describe_tokenizer(tokenizer, name),
-        source=source or {}, hf_tokenizer=tokenizer, head_names=trace_head(module, blocks_name),
+        source=source or {}, hf_tokenizer=tokenizer,
+        head_names=trace_head(module, blocks_name, run_blocks=trace_blocks),
     )
 
 
@@ -121,12 +166,13 @@ def find_blocks(module: nn.Module) -> tuple[str, nn.ModuleList]:
     return max(candidates, key=lambda c: sum(p.numel() for p in c[1].parameters()))
 
 
-def trace_head(module: nn.Module, blocks_name: str) -> tuple[str, ...]:
+def trace_head(module: nn.Module, blocks_name: str, run_blocks: bool = True) -> tuple[str, ...]:
     """Names of the modules that turn the last block's output into logits, in call order.
 
     They are the blocks' siblings that run after the last block (the final norm; OPT's project_out,
     which is registered before its layers, hence watching rather than reading the registration
-    order), followed by the output embedding.
+    order), followed by the output embedding. ``run_blocks=False``: each block hands its input on
+    instead of computing (what runs after the blocks does not depend on what they computed).
     """
     parent_name, _, _ = blocks_name.rpartition(".")
     parent = module.get_submodule(parent_name)
@@ -148,13 +194,19 @@ def trace_head(module: nn.Module, blocks_name: str) -> tuple[str, ...]:
     handles = [blocks[-1].register_forward_hook(mark_last_block_done)]
     handles += [child.register_forward_hook(recorder(prefix + child_name))
                 for child_name, child in parent.named_children() if child is not blocks]
-    device = next(module.parameters()).device
+    device = module.get_input_embeddings().weight.device
+    if not run_blocks:
+        for block in blocks:   # an instance attribute shadows the class's forward (as block_inputs does)
+            block.forward = lambda *args, **kwargs: args[0] if args else kwargs["hidden_states"]
     try:
         with torch.no_grad():
             module(input_ids=torch.zeros((1, 2), dtype=torch.long, device=device), use_cache=False)
     finally:
         for handle in handles:
             handle.remove()
+        if not run_blocks:
+            for block in blocks:
+                del block.forward
     return (*called_after_blocks, module_name(module, module.get_output_embeddings()))
 
 

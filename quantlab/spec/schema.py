@@ -104,6 +104,7 @@ class Spec:
     description: str = ""
     seed: int = 0
     model: str = "minigpt-shakespeare"
+    offload: bool = False      # hf:PATH safetensors only: blocks read one at a time (quantlab.offload)
     device: str = "cpu"
     markers: list = field(default_factory=list)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
@@ -290,6 +291,7 @@ def parse_spec(data, source: str = "<spec>", name: Optional[str] = None, text: O
         description=get_value(data, "description", str, "", ctx, "the spec"),
         seed=get_value(data, "seed", int, 0, ctx, "the spec"),
         model=model,
+        offload=_parse_offload(data, ctx, model),
         device=get_value(data, "device", str, "cpu", ctx, "the spec", check=lambda d: d in ("cpu", "cuda", "auto"),
                     fix="use cpu, cuda or auto"),
         markers=markers, calibration=calibration, evaluation=evaluation,
@@ -307,6 +309,22 @@ def parse_spec(data, source: str = "<spec>", name: Optional[str] = None, text: O
     if data.get("golden") is not None:
         spec.golden = _parse_golden(data["golden"], Ctx(source, data["golden"] if isinstance(data["golden"], dict) else data))
     return spec
+
+
+def _parse_offload(data, ctx: Ctx, model: str) -> bool:
+    """``offload: true``: read the model's blocks from its safetensors files one at a time (quantlab.offload)."""
+    offload = get_value(data, "offload", bool, False, ctx, "the spec")
+    if offload:
+        from quantlab.models.registry import HF_PREFIX, hf_path
+        from quantlab.offload import offload_problem
+
+        if not model.startswith(HF_PREFIX):
+            raise ctx.error(f"offload applies to hf:PATH models stored as safetensors; {model} is built in and "
+                            "loaded whole: remove offload", "offload")
+        problem = offload_problem(hf_path(model))
+        if problem:
+            raise ctx.error(problem, "offload")
+    return offload
 
 
 def _parse_golden(g, ctx: Ctx) -> GoldenConfig:
