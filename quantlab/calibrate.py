@@ -381,7 +381,8 @@ def quantize_model(model: LanguageModel, scheme: Union[Scheme, FloatScheme, Mixe
             if offload is None:
                 quantized.replaced = kept_module_values(model, set(quantized.qtensors), keep)
             else:   # the blocks' kept values were taken while each was resident; now the rest
-                quantized.replaced.update(_kept_values_outside_blocks(model, set(quantized.qtensors), keep))
+                with offload.outside_resident():
+                    quantized.replaced.update(_kept_values_outside_blocks(model, set(quantized.qtensors), keep))
         quantized.bytes = deployable_bytes(model, quantized.qtensors, scheme, keep, input_scales=quantized.input_scales)
     quantized.seconds = time.perf_counter() - started
     return quantized

@@ -116,8 +116,16 @@ def read_tensors(path: Path, names) -> dict[str, torch.Tensor]:
 
 
 class BlockOffload:
-    """Loads a module's parameters from safetensors files: the ones outside ``blocks`` once
-    (``load_outside_blocks``), each block's whenever it is resident (``resident``), placeholders otherwise.
+    """Loads a module's parameters from safetensors files while they compute, holding placeholders otherwise:
+    each block's while it is resident (``resident``, or for the length of a call of the block), and each
+    parameter outside the blocks (embeddings, final norm, head) for the length of a call of the module
+    that owns it, or inside ``outside_resident``.
+
+    Parameters outside the blocks are loaded per call rather than kept because a quantized scheme swaps
+    its own values in for them (quantlab.swap: float16-stored embeddings and head): the float ones would
+    then sit unused beside the scheme's for the whole evaluation. A parameter that holds a swapped-in
+    value when its module is called is left alone. (A model that reads such a parameter without calling
+    its module would compute with the NaN placeholder: it shows as NaN logits, not as wrong numbers.)
 
     ``files`` maps checkpoint tensor names to files (``checkpoint_files``). A parameter is read under
     any of its names (a tied head shares the embedding's), converted to ``dtype`` if it is a float.
@@ -145,6 +153,12 @@ class BlockOffload:
                               for block in blocks]
         in_blocks = {id(p) for block_params in self._block_params for p, _ in block_params}
         self._outside = [(p, source[pid]) for pid, p in params.items() if pid not in in_blocks]
+        # The modules outside the blocks that own parameters themselves, with those parameters.
+        self._outside_owners = [
+            (m, [(p, source[id(p)]) for p in m.parameters(recurse=False) if id(p) not in in_blocks])
+            for m in module.modules()]
+        self._outside_owners = [(m, owned) for m, owned in self._outside_owners if owned]
+        self._outside_depth = {id(p): 0 for p, _ in self._outside}
         self._depth = [0] * len(blocks)
         self.loads = 0
         self.most_resident = 0
@@ -167,9 +181,30 @@ class BlockOffload:
                     tensor = tensor.to(self.dtype)
                 p.data = tensor.to(self.device)
 
-    def load_outside_blocks(self) -> None:
-        """Read every parameter outside the blocks (embeddings, final norm, head): they stay resident."""
-        self._read(self._outside)
+    def _enter_outside(self, entries: list) -> list:
+        """Hold the parameters of ``entries`` that are resident or placeholders (not those holding a
+        swapped-in value), reading those not yet resident; returns what was held, for ``_exit_outside``."""
+        held = [(p, name) for p, name in entries if self._outside_depth[id(p)] > 0 or is_placeholder(p.data)]
+        self._read([(p, name) for p, name in held if self._outside_depth[id(p)] == 0])
+        for p, _ in held:
+            self._outside_depth[id(p)] += 1
+        return held
+
+    def _exit_outside(self, held: list) -> None:
+        for p, _ in held:
+            self._outside_depth[id(p)] -= 1
+            if self._outside_depth[id(p)] == 0:
+                p.data = placeholder(p.shape, p.dtype, self.device)
+
+    @contextlib.contextmanager
+    def outside_resident(self) -> Iterator[None]:
+        """Every parameter outside the blocks in memory inside (for code that reads them without calling
+        their modules, such as quantlab.accounting's kept values)."""
+        held = self._enter_outside(self._outside)
+        try:
+            yield
+        finally:
+            self._exit_outside(held)
 
     def _load(self, block_index: int) -> None:
         self._read(self._block_params[block_index])
@@ -224,6 +259,18 @@ class BlockOffload:
             self._handles.append(block.register_forward_pre_hook(before(i)))
             # always_call: a forward that raises (calibration stops blocks mid-run) still lets go of the block.
             self._handles.append(block.register_forward_hook(after(i), always_call=True))
+
+        held_by_call: list = []   # a stack: calls of outside modules nest (the model's forward calls the embedding)
+
+        def outside_before(owned):
+            return lambda module, args: held_by_call.append(self._enter_outside(owned))
+
+        def outside_after(module, args, output):
+            self._exit_outside(held_by_call.pop())
+
+        for module, owned in self._outside_owners:
+            self._handles.append(module.register_forward_pre_hook(outside_before(owned)))
+            self._handles.append(module.register_forward_hook(outside_after, always_call=True))
 
 
 def placeholder(shape, dtype: torch.dtype, device) -> torch.Tensor:

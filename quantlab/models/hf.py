@@ -83,8 +83,8 @@ def load_hf(path, device: str = "cpu", dtype: torch.dtype = torch.float32, *,
 def load_hf_offloaded(path: Path, device: str = "cpu", dtype: torch.dtype = torch.float32, *,
                       name: str | None = None, source: dict | None = None, scratch=None) -> HFModel:
     """``load_hf(..., offload=True)``: the model built from config.json without weights (meta tensors;
-    buffers such as rotary frequencies are real), its non-block weights read, its blocks left to
-    quantlab.offload.BlockOffload, which reads each from the safetensors files while it computes."""
+    buffers such as rotary frequencies are real), its weights left to quantlab.offload.BlockOffload,
+    which reads each block (and the embeddings and head) from the safetensors files while it computes."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.pytorch_utils import Conv1D
@@ -105,7 +105,6 @@ def load_hf_offloaded(path: Path, device: str = "cpu", dtype: torch.dtype = torc
                 m._buffers[key] = buffer.to(device)
     _, blocks = find_blocks(module)
     offload = BlockOffload(module, blocks, files, dtype, device, scratch=scratch)
-    offload.load_outside_blocks()
     offload.install_hooks()
     source = source or {"kind": "hf", "path": str(path.resolve()), "offload": True}
     model = wrap_hf(module, tokenizer, name or f"hf:{path}", source=source, trace_blocks=False)
