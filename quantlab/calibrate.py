@@ -42,7 +42,7 @@ from typing import Optional, Union
 import torch
 from tqdm.auto import tqdm
 
-from quantlab.gptq import all_finite, gptq_quantize, relative_loss, torch_threads
+from quantlab.gptq import all_finite, gptq_quantize, relative_loss
 from quantlab.models.base import LanguageModel
 from quantlab.accounting import KEEP_KINDS, deployable_bytes, kept_module_values
 from quantlab.awq import awq_search, scaled_hessian
@@ -196,8 +196,7 @@ def condition_number(H: torch.Tensor) -> Optional[float]:
     (about 4.5e15) rather than infinity, so results stay JSON numbers; a zero or non-finite H, None."""
     if not all_finite(H):
         return None
-    with torch_threads(1):   # an eigendecomposition this small gains nothing from threads that wait on each other
-        eigenvalues = torch.linalg.eigvalsh(H.to(torch.float64))
+    eigenvalues = torch.linalg.eigvalsh(H.to(torch.float64))
     largest = float(eigenvalues[-1])
     if largest <= 0:
         return None

@@ -30,6 +30,7 @@ import logging
 import os
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -170,13 +171,27 @@ def _node() -> str:
         return socket.gethostname()
 
 
+@contextmanager
+def _torch_threads(count: int):
+    """Run the enclosed torch work on ``count`` threads, then restore the previous count. The count is
+    process-wide: a Ray task sets it for the worker process it has to itself (quantlab's engine itself
+    never changes it)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def compute_unit(spec: Spec, scheme: str, key: str, cache_dir: str, probe: str, threads: int,
                  fingerprints: Sequence[Spec] = (), after=None) -> dict:
     """Compute one unit into the shared cache (what a Ray task runs); returns where and how long.
 
     ``after`` is the baseline task's report, passed only so Ray runs this task once the baseline is stored.
     """
-    from quantlab.gptq import torch_threads
     from quantlab.pipeline import _cached_fingerprint
 
     started = time.perf_counter()
@@ -194,7 +209,7 @@ def compute_unit(spec: Spec, scheme: str, key: str, cache_dir: str, probe: str, 
             "source, result libraries (torch, numpy, ...), model files or device differ from the planner's "
             "(device: auto resolves on each machine); install the same quantlab and libraries on every node")
     writes = runner.cache.writes
-    with torch_threads(threads):
+    with _torch_threads(threads):
         runner.scheme_result(spec, scheme)
         computed = runner.cache.writes > writes
         for other in fingerprints:   # so the local process never loads the model for a fully cached run

@@ -19,8 +19,12 @@ Cholesky; the inverse alone costs several times an n^3 matmul (benchmarks/bench_
 are the paper's, term for term. The same identity gives the loss for free:
 tr(D H D^T) = ||D R||^2 = sum_j ||(w_j - q_j) R[j, j] + G_j||^2.
 
-Lazy batch updates (the paper's Step 2): (*) is applied within a block of ``block_size`` columns one
-column at a time, and to all columns after the block once per block, as one matrix product. The
+Lazy batch updates (the paper's Step 2), on two levels: (*) reaches all columns after a block of
+``block_size`` columns once per block, as one matrix product; inside the block it reaches the columns
+after a sub-block of a few columns once per sub-block, again as one product, and only inside a
+sub-block is it applied one column at a time. Sub-blocks keep every elementwise operation of the column
+loop small enough that torch runs it on the calling thread (see _solve), so the solver never changes
+torch's process-wide thread count and its products use every thread the caller gave torch. The
 rel_loss denominator tr(W H W^T) = ||W R||^2 is one more triangular product. benchmarks/bench_gptq.py
 times a 4096 x 4096 solve against one 4096^3 matmul in the same process, and the paper's formulation
 beside it.
@@ -38,15 +42,20 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 
-from quantlab.quant import QTensor, Scheme, compute_scales, dequantize, group_index, quantize, quantize_rtn
+from quantlab.quant import QTensor, Scheme, compute_scales, group_index, quantize_rtn
 
 DAMP_RETRIES = 3  # each retry multiplies the dampening by 10
+# torch splits an elementwise operation over its threads only above this many elements
+# (at::internal::GRAIN_SIZE); below it the operation runs on the calling thread, outside any OpenMP
+# parallel region. The column loop keeps under it (see _solve). Rounding kernels split above a smaller
+# grain, 2048 elements, so the loop rounds a column in pieces of that size.
+_GRAIN_SIZE = 32768
+_ROUND_GRAIN = 2048
 
 
 @dataclass
@@ -75,7 +84,8 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, scheme: Scheme, *, damp: flo
 
     The result's qtensor uses the same grids, float16 scales and code conventions as
     ``quantize_rtn``: with H = identity the codes are RTN's, code for code. ``block_size`` only
-    trades speed for memory traffic; it does not change a rounding decision.
+    trades speed for memory traffic: it changes the order of float32 sums, not a step of the algorithm
+    (a weight within float32 rounding of a tie between two codes can round either way).
     """
     started = time.perf_counter()
     _validate(W, H, scheme, damp, block_size)
@@ -164,19 +174,6 @@ def all_finite(x: torch.Tensor) -> bool:
     return math.isfinite(float(low)) and math.isfinite(float(high))
 
 
-@contextmanager
-def torch_threads(count: int):
-    """Run the enclosed torch work on ``count`` threads, then restore the previous setting. For work
-    too small to split: threads that spin while they wait for each other cost more than the work they
-    share, most of all on a loaded machine (benchmarks/bench_gptq.py measures the per-column loop)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
 # ----------------------------------------------------------------------------------------------
 # The solver's steps
 
@@ -243,12 +240,43 @@ def _triangular_weighted_norm(W: torch.Tensor, R: torch.Tensor, chunk: int = 512
     return total
 
 
-class _GroupGrids:
-    """Each group's scales and zero points: as stored (float16, int16) for the QTensor, and as float32
-    for the column loop, converted once per group rather than by quantize/dequantize at every column.
-    Each entry is a (rows,) vector: rows is 1 per tensor, ``out`` otherwise."""
+class _Grid:
+    """One group's grid, prepared once so that rounding a column is a few elementwise operations that
+    reproduce ``quant.quantize`` and ``quant.dequantize`` bit for bit (the same division, rounding and
+    clamp, in float32). Each tensor is a (rows,) vector: rows is 1 per tensor, ``out`` otherwise."""
 
-    def __init__(self):
+    def __init__(self, scale: torch.Tensor, zero: Optional[torch.Tensor], qmin: int, qmax: int):
+        self.scale = scale.to(torch.float32)
+        self.zero = None if zero is None else zero.to(torch.float32)
+        dead = self.scale == 0
+        # quantize divides by the scale where it is positive and gives code `zero` where it is 0 (an
+        # all-zero group); ``dead`` is None in the usual case, where no scale is 0.
+        self.divisor = torch.where(dead, torch.ones_like(self.scale), self.scale)
+        self.dead = dead if bool(dead.any()) else None
+        self.qmin, self.qmax = qmin, qmax
+
+    def round(self, x: torch.Tensor, level: torch.Tensor, rounded: torch.Tensor) -> None:
+        """Write the grid level of x (quantize's code, as a float) into ``level`` and its value on the
+        grid (dequantize's output) into ``rounded``."""
+        torch.div(x, self.divisor, out=level)
+        if self.dead is not None:
+            level.masked_fill_(self.dead, 0.0)
+        for piece in level.split(_ROUND_GRAIN):    # round_() in place, each piece under the rounding grain
+            piece.round_()
+        if self.zero is None:
+            level.clamp_(self.qmin, self.qmax)
+            torch.mul(level, self.scale, out=rounded)
+        else:
+            level.add_(self.zero).clamp_(self.qmin, self.qmax)
+            torch.sub(level, self.zero, out=rounded).mul_(self.scale)
+
+
+class _GroupGrids:
+    """Each group's scales and zero points: as stored (float16, int16) for the QTensor, and as a _Grid
+    for the column loop, converted once per group rather than at every column."""
+
+    def __init__(self, scheme: Scheme):
+        self.scheme = scheme
         self.scales, self.zeros, self.for_loop = [], [], []
 
     def add(self, scales: torch.Tensor, zeros: Optional[torch.Tensor]) -> None:
@@ -257,7 +285,7 @@ class _GroupGrids:
             zero = None if zeros is None else zeros[:, g]
             self.scales.append(scales[:, g])
             self.zeros.append(zero)
-            self.for_loop.append((scales[:, g].to(torch.float32), None if zero is None else zero.to(torch.float32)))
+            self.for_loop.append(_Grid(scales[:, g], zero, self.scheme.qmin, self.scheme.qmax))
 
     def stacked(self):
         """(scales, zeros) as QTensor stores them: (rows, n_groups), zeros None when symmetric."""
@@ -279,6 +307,11 @@ def _block_bounds(n: int, block_size: int, group_starts: range) -> list:
     return list(zip(starts, starts[1:] + [n]))
 
 
+def _sub_block_size(out_features: int) -> int:
+    """Columns per sub-block: the most whose in-sub-block updates stay inline (see _solve)."""
+    return max(1, _GRAIN_SIZE // out_features)
+
+
 def _solve(W: torch.Tensor, R: torch.Tensor, order: Optional[torch.Tensor], scheme: Scheme, block_size: int,
            static_groups: bool) -> _Solution:
     """The column loop. W (out, n) with dead columns zeroed; ``order`` the solving order of the columns
@@ -286,15 +319,23 @@ def _solve(W: torch.Tensor, R: torch.Tensor, order: Optional[torch.Tensor], sche
 
     Works transposed, one row per input column, so each column is contiguous. The buffers below are
     this function's own and are updated in place: a copy per column would cost more than the solve.
+
+    Two levels of lazy updates: (*) reaches the columns after a block in one product per block, and the
+    block's columns after a sub-block in one product per sub-block; one column at a time, only the
+    sub-block's own later columns are updated. A sub-block holds few enough columns that every
+    elementwise operation of the column loop touches at most _GRAIN_SIZE floats, so torch runs it on the
+    calling thread without waking its other threads, and the loop needs no change of the process-wide
+    thread count; the products use every thread torch has.
     """
-    n = W.shape[1]
+    n, out = W.shape[1], W.shape[0]
     W_t = (W.t() if order is None else W.t()[order]).contiguous()   # (n, out): columns in solving order
     feedback = torch.zeros_like(W_t)                                 # (n, out): G of (*)
     codes_t = torch.empty(W_t.shape, dtype=torch.int8 if scheme.qmin < 0 or scheme.qmax < 128 else torch.int16,
                           device=W.device)
     r_diag = R.diagonal()
+    sub_block = _sub_block_size(out)
 
-    grids = _GroupGrids()
+    grids = _GroupGrids(scheme)
     dynamic_groups = scheme.granularity == "group" and not static_groups
     if dynamic_groups:
         group_of_step = torch.arange(n, device=W.device) // scheme.group_size   # groups: runs of the solving order
@@ -308,36 +349,40 @@ def _solve(W: torch.Tensor, R: torch.Tensor, order: Optional[torch.Tensor], sche
         group_starts = range(0)
     groups = group_of_step.tolist()
 
-    loss_damped = error_sq = 0.0
-    all_threads = torch.get_num_threads()
-    # Only the lazy update's matrix product is worth several threads: everything else touches a few
-    # thousand floats at a time (see torch_threads).
-    with torch_threads(1):
-        for i1, i2 in _block_bounds(n, block_size, group_starts):
-            if dynamic_groups and i1 % scheme.group_size == 0:
-                g2 = min(i1 + scheme.group_size, n)
-                # The loss-optimal weights given the columns already rounded: w_S + G_S R_SS^-1.
-                group_weights = W_t[i1:g2].t() + torch.linalg.solve_triangular(
-                    R[i1:g2, i1:g2], feedback[i1:g2].t(), upper=True, left=False)   # (out, gs)
-                grids.add(*compute_scales(group_weights, scheme))                   # one group
+    # Summed without a float() per block: on a GPU that would wait for the block's work to finish.
+    loss_damped = torch.zeros((), dtype=torch.float64, device=W.device)
+    error_sq = torch.zeros((), dtype=torch.float64, device=W.device)
+    rounded = torch.empty(out, device=W.device)          # one column's q_j
+    for i1, i2 in _block_bounds(n, block_size, group_starts):
+        if dynamic_groups and i1 % scheme.group_size == 0:
+            g2 = min(i1 + scheme.group_size, n)
+            # The loss-optimal weights given the columns already rounded: w_S + G_S R_SS^-1.
+            group_weights = W_t[i1:g2].t() + torch.linalg.solve_triangular(
+                R[i1:g2, i1:g2], feedback[i1:g2].t(), upper=True, left=False)   # (out, gs)
+            grids.add(*compute_scales(group_weights, scheme))                   # one group
 
-            # w'_j of (*) for the block's columns, with the feedback of every column before the block.
-            current = W_t[i1:i2] + feedback[i1:i2] / r_diag[i1:i2, None]        # (B, out)
-            feedback_scaled = R[i1:i2, i1:i2] / r_diag[i1:i2]                   # (B, B): R[i, j] / R[j, j]
-            errors = torch.empty_like(current)      # (B, out): w_j - q_j, original weights minus rounded
-            for k, j in enumerate(range(i1, i2)):
-                scale, zero = grids.for_loop[groups[j]]
-                code = quantize(current[k], scale, zero, scheme.qmin, scheme.qmax)
-                codes_t[j] = code
-                torch.sub(W_t[j], dequantize(code, scale, zero), out=errors[k])
-                # (*) within the block: column j's error reaches the block's later columns now.
-                current[k + 1:].addr_(feedback_scaled[k, k + 1:], errors[k])
-            # This block's rows of E = D R: (w'_j - q_j) R[j, j], since w'_j - q_j = (w_j - q_j) + G_j / R[j, j].
-            loss_damped += float((current - W_t[i1:i2] + errors).mul_(r_diag[i1:i2, None]).square().sum())
-            error_sq += float(errors.square().sum())
-            with torch_threads(all_threads):
-                # (*) for every column after the block, in one product: the lazy batch update.
-                feedback[i2:].addmm_(R[i1:i2, i2:].t(), errors)
+        # w'_j of (*) for the block's columns, with the feedback of every column before the block.
+        current = W_t[i1:i2] + feedback[i1:i2] / r_diag[i1:i2, None]        # (B, out)
+        feedback_scaled = R[i1:i2, i1:i2] / r_diag[i1:i2]                   # (B, B): R[i, j] / R[j, j]
+        errors = torch.empty_like(current)      # (B, out): w_j - q_j, original weights minus rounded
+        levels = torch.empty_like(current)      # (B, out): the codes, as floats
+        for s1 in range(0, i2 - i1, sub_block):
+            s2 = min(s1 + sub_block, i2 - i1)
+            for k in range(s1, s2):
+                j = i1 + k
+                grids.for_loop[groups[j]].round(current[k], levels[k], rounded)
+                torch.sub(W_t[j], rounded, out=errors[k])
+                # (*) within the sub-block: column j's error reaches the sub-block's later columns now.
+                current[k + 1:s2].addr_(feedback_scaled[k, k + 1:s2], errors[k])
+            # (*) for the rest of the block, in one product per sub-block.
+            if s2 < i2 - i1:
+                current[s2:].addmm_(feedback_scaled[s1:s2, s2:].t(), errors[s1:s2])
+        codes_t[i1:i2] = levels.to(codes_t.dtype)
+        # This block's rows of E = D R: (w'_j - q_j) R[j, j], since w'_j - q_j = (w_j - q_j) + G_j / R[j, j].
+        loss_damped += (current - W_t[i1:i2] + errors).mul_(r_diag[i1:i2, None]).square().sum()
+        error_sq += errors.square().sum()
+        # (*) for every column after the block, in one product: the lazy batch update.
+        feedback[i2:].addmm_(R[i1:i2, i2:].t(), errors)
 
     codes = codes_t.t() if order is None else codes_t[torch.argsort(order)].t()   # (out, n), natural order
     g_idx = None
@@ -345,4 +390,4 @@ def _solve(W: torch.Tensor, R: torch.Tensor, order: Optional[torch.Tensor], sche
         g_idx = torch.empty(n, dtype=torch.long, device=W.device)
         g_idx[order] = group_of_step
     scales, zeros = grids.stacked()
-    return _Solution(QTensor(codes.contiguous(), scales, zeros, scheme, g_idx), loss_damped, error_sq)
+    return _Solution(QTensor(codes.contiguous(), scales, zeros, scheme, g_idx), float(loss_damped), float(error_sq))

@@ -5,6 +5,8 @@ enough to exercise loading, calibration, export and import end to end in seconds
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 
 TINY_VOCAB = 300
@@ -34,3 +36,15 @@ def tiny_llama(seed: int = 0, *, hidden_size: int = 64, intermediate_size: int =
                                         intermediate_size=intermediate_size, num_hidden_layers=2,
                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                                         bos_token_id=0, eos_token_id=1))
+
+
+@contextmanager
+def torch_threads(count: int):
+    """Run the enclosed torch work on ``count`` threads, then restore the previous count. For tests only:
+    the count is process-wide, which a test may change and quantlab's engine never does."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

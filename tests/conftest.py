@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from quantlab.gptq import torch_threads
+from quantlab.testing import torch_threads
 from quantlab.models.minigpt import MiniGPT, MiniGPTConfig, wrap
 
 

@@ -5,6 +5,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+import quantlab.gptq
 from quantlab.gptq import gptq_quantize, output_loss, relative_loss
 from quantlab.quant import FloatScheme, Scheme, compute_scales, dequantize, quantize, quantize_rtn
 
@@ -76,6 +77,44 @@ def test_codes_match_the_papers_algorithm_one_column_at_a_time(scheme):
     # block_size 5 puts block edges inside groups: the lazy batching must not change a decision.
     result = gptq_quantize(W, H, scheme, block_size=5)
     assert torch.equal(result.qtensor.codes.long(), paper_gptq_codes(W, H, scheme))
+
+
+@pytest.mark.parametrize("sub_block", [1, 3, 7])
+@pytest.mark.parametrize("block_size", [5, 16])
+def test_sub_blocks_do_not_change_a_decision(monkeypatch, sub_block, block_size):
+    # Sub-blocks are sized from the row count (thousands of rows give a few columns each): forced
+    # small here, so that a 16-row matrix exercises the sub-block products against the paper.
+    monkeypatch.setattr(quantlab.gptq, "_sub_block_size", lambda out_features: sub_block)
+    W = torch.randn(16, 48, generator=torch.Generator().manual_seed(1))
+    H = hessian(correlated_inputs(200, 48, seed=2))
+    for scheme in (Scheme(4, 16), Scheme(3, 8, symmetric=False), Scheme(4)):
+        result = gptq_quantize(W, H, scheme, block_size=block_size)
+        assert torch.equal(result.qtensor.codes.long(), paper_gptq_codes(W, H, scheme))
+
+
+def test_sub_blocks_keep_the_column_loop_under_torchs_parallel_grain():
+    # Below the grain torch runs an elementwise operation on the calling thread: the rank-1 updates
+    # inside a sub-block touch at most (sub_block - 1) x out floats.
+    for out_features in (1, 7, 576, 4096, 4097, 11008, 40000):
+        sub_block = quantlab.gptq._sub_block_size(out_features)
+        assert sub_block >= 1
+        assert sub_block == 1 or (sub_block - 1) * out_features <= quantlab.gptq._GRAIN_SIZE
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_the_solver_never_changes_the_process_wide_thread_count(monkeypatch, act_order):
+    # torch.set_num_threads changes the count for every thread of the caller's process, so the engine
+    # must not call it, not even to restore the count afterwards.
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", lambda count: calls.append(count))
+    before = torch.get_num_threads()
+    X = correlated_inputs(64, 48, seed=3)
+    X[:, 4] = 0                                     # a dead input
+    W = torch.randn(300, 48, generator=torch.Generator().manual_seed(3))
+    for H in (hessian(X), -torch.eye(48) + torch.diag(torch.ones(48)) * 1.5):
+        gptq_quantize(W, H, Scheme(4, 16), act_order=act_order)
+    assert calls == []
+    assert torch.get_num_threads() == before
 
 
 @given(scheme=schemes, out_features=st.integers(32, 64), in_features=st.integers(16, 64),

@@ -81,7 +81,7 @@ def test_library_versions_are_part_of_every_key(tmp_path, monkeypatch):
 def test_the_torch_thread_count_is_part_of_every_key(tmp_path):
     # Float32 reductions split differently over threads: GPTQ codes (and so perplexities) move with the
     # thread count, so a cache filled on one count must not answer for another.
-    from quantlab.gptq import torch_threads
+    from quantlab.testing import torch_threads
 
     with torch_threads(1):
         one = keys(spec_of(), tmp_path)
