@@ -42,7 +42,7 @@ from typing import Optional, Union
 import torch
 from tqdm.auto import tqdm
 
-from quantlab.gptq import all_finite, gptq_quantize, relative_loss
+from quantlab.gptq import all_finite, condition_number, gptq_quantize, relative_loss
 from quantlab.models.base import LanguageModel
 from quantlab.accounting import KEEP_KINDS, deployable_bytes, kept_module_values
 from quantlab.awq import awq_search, scaled_hessian
@@ -189,18 +189,6 @@ class InputStatistics:
             "outlier_ratio": float(self.channel_absmax.max()) / median_absmax if median_absmax > 0 else None,
             "n_tokens": self.n_tokens,
         }
-
-
-def condition_number(H: torch.Tensor) -> Optional[float]:
-    """lambda_max / lambda_min of a symmetric H, in float64. A singular H reports 1 / eps(float64)
-    (about 4.5e15) rather than infinity, so results stay JSON numbers; a zero or non-finite H, None."""
-    if not all_finite(H):
-        return None
-    eigenvalues = torch.linalg.eigvalsh(H.to(torch.float64))
-    largest = float(eigenvalues[-1])
-    if largest <= 0:
-        return None
-    return largest / max(float(eigenvalues[0]), largest * torch.finfo(torch.float64).eps)
 
 
 # ----------------------------------------------------------------------------------------------

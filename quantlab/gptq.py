@@ -174,6 +174,56 @@ def all_finite(x: torch.Tensor) -> bool:
     return math.isfinite(float(low)) and math.isfinite(float(high))
 
 
+def condition_number(H: torch.Tensor, *, tolerance: float = 1e-4, max_iterations: int = 50) -> Optional[float]:
+    """An estimate of lambda_max / lambda_min of a symmetric positive semi-definite H (quantlab.calibrate's
+    per-layer ``h_cond``), in float64, for about the cost of one Cholesky factorisation rather than an
+    eigendecomposition.
+
+    How: lambda_max by subspace iteration on H, lambda_min by subspace iteration on H^-1 = L^-T L^-1 (L the
+    Cholesky factor of H), each with a block of _RITZ_BLOCK vectors and stopped when its
+    Rayleigh-Ritz value moves by less than ``tolerance`` (relative) between iterations. A Rayleigh-Ritz
+    value never exceeds the extreme eigenvalue it estimates, so the result is a lower bound of the exact
+    ratio, up to rounding; where the extreme eigenvalues stand apart from the rest it converges to it, and
+    where they are clustered it stops inside the cluster, within the cluster's spread
+    (tests/test_gptq.py checks matrices of known spectrum and correlated Hessians against eigvalsh).
+    A singular H (whose float64 Cholesky factorisation fails) reports 1 / eps(float64), about 4.5e15,
+    rather than infinity, so results stay JSON numbers; a zero or non-finite H, None."""
+    if not all_finite(H):
+        return None
+    H = H.detach().to(torch.float64)
+    if H.numel() == 0 or float(H.diagonal().max()) <= 0:
+        return None                                   # PSD with a zero diagonal: H = 0
+    largest = _largest_ritz_value(lambda X: H @ X, H.shape[0], H.device, tolerance, max_iterations)
+    L, info = torch.linalg.cholesky_ex(H)
+    if int(info) != 0:
+        return 1 / torch.finfo(torch.float64).eps
+    # H^-1 = L^-T L^-1. The explicit triangular inverse costs about one more Cholesky, and makes each
+    # iteration two matrix products: solving with L for a few vectors at a time is many times slower.
+    L_inverse = torch.linalg.solve_triangular(L, torch.eye(H.shape[0], dtype=H.dtype, device=H.device), upper=False)
+    smallest = 1 / _largest_ritz_value(lambda X: L_inverse.t() @ (L_inverse @ X), H.shape[0], H.device,
+                                       tolerance, max_iterations)
+    return largest / max(smallest, largest * torch.finfo(torch.float64).eps)
+
+
+_RITZ_BLOCK = 8   # vectors per subspace iteration: one product with 8 columns costs about one with 1
+
+
+def _largest_ritz_value(apply, n: int, device, tolerance: float, max_iterations: int) -> float:
+    """The largest Rayleigh-Ritz value of the symmetric operator ``apply`` (X (n, p) -> A X) by subspace
+    iteration from a seeded random start: at most A's largest eigenvalue, and converging to it."""
+    X = torch.randn(n, min(_RITZ_BLOCK, n), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    X = torch.linalg.qr(X.to(device)).Q
+    previous = None
+    for _ in range(max_iterations):
+        Y = apply(X)
+        value = float(torch.linalg.eigvalsh(X.t() @ Y)[-1])        # X orthonormal: the Ritz values
+        if previous is not None and abs(value - previous) <= tolerance * abs(value):
+            break
+        previous = value
+        X = torch.linalg.qr(Y).Q
+    return value
+
+
 # ----------------------------------------------------------------------------------------------
 # The solver's steps
 

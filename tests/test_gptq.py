@@ -1,12 +1,14 @@
 """The GPTQ solver on one weight matrix: agreement with RTN and with the paper's algorithm, the loss
 it reports, robustness to degenerate Hessians, reordering, and the contract (inputs untouched)."""
+import math
+
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
 import quantlab.gptq
-from quantlab.gptq import gptq_quantize, output_loss, relative_loss
+from quantlab.gptq import condition_number, gptq_quantize, output_loss, relative_loss
 from quantlab.quant import FloatScheme, Scheme, compute_scales, dequantize, quantize, quantize_rtn
 
 schemes = st.builds(
@@ -335,3 +337,61 @@ def test_float_scheme_is_rejected_with_a_fix():
 def test_mismatched_hessian_shape_is_rejected_with_a_fix():
     with pytest.raises(ValueError, match=r"H must be \(in, in\) = \(3, 3\)"):
         gptq_quantize(torch.zeros(2, 3), torch.eye(2), Scheme(4))
+
+
+# ----------------------------------------------------------------------------------------------
+# The condition-number estimate (quantlab.calibrate's h_cond)
+
+
+def exact_condition_number(H: torch.Tensor) -> float:
+    eigenvalues = torch.linalg.eigvalsh(H.to(torch.float64))
+    return float(eigenvalues[-1]) / max(float(eigenvalues[0]), float(eigenvalues[-1]) * torch.finfo(torch.float64).eps)
+
+
+def with_spectrum(eigenvalues: torch.Tensor, seed: int) -> torch.Tensor:
+    """Q diag(eigenvalues) Q^T for a random orthogonal Q: a symmetric matrix of known spectrum."""
+    n = eigenvalues.numel()
+    Q = torch.linalg.qr(torch.randn(n, n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)).Q
+    return (Q * eigenvalues) @ Q.t()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("condition", [1e2, 1e6, 1e10])
+def test_condition_number_of_a_known_spectrum(seed, condition):
+    # Geometric spacing: the extreme eigenvalues stand apart from the rest, so the estimate converges.
+    eigenvalues = torch.logspace(0, math.log10(condition), 200, dtype=torch.float64)
+    estimate = condition_number(with_spectrum(eigenvalues, seed))
+    assert estimate == pytest.approx(condition, rel=1e-3)
+    assert estimate <= condition * (1 + 1e-6)             # Rayleigh-Ritz values: a lower bound
+
+
+def test_condition_number_with_clustered_extreme_eigenvalues_is_within_the_clusters_spread():
+    # 60 eigenvalues within 1% of the smallest and 60 within 1% of the largest: subspace iteration
+    # cannot tell them apart quickly, but whatever it stops at lies inside both clusters.
+    g = torch.Generator().manual_seed(4)
+    bottom = 1e-3 * (1 + 0.01 * torch.rand(60, generator=g, dtype=torch.float64))
+    middle = torch.logspace(-2.9, 2.9, 80, dtype=torch.float64)
+    top = 1e3 * (1 - 0.01 * torch.rand(60, generator=g, dtype=torch.float64))
+    eigenvalues = torch.cat([bottom, middle, top])
+    exact = float(eigenvalues.max() / eigenvalues.min())
+    estimate = condition_number(with_spectrum(eigenvalues, seed=5))
+    assert exact / 1.03 <= estimate <= exact * (1 + 1e-6)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_condition_number_of_correlated_hessians_matches_the_eigendecomposition(seed):
+    X = correlated_inputs(400, 96, seed).to(torch.float64)
+    X = X + 1e-3 * torch.randn(X.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    H = hessian(X).float()
+    exact = exact_condition_number(H)
+    assert condition_number(H) == pytest.approx(exact, rel=1e-3)
+
+
+def test_condition_number_of_degenerate_hessians():
+    singular = torch.zeros(8, 8)
+    singular[:4, :4] = torch.eye(4)                       # dead inputs: a zero row and column
+    assert condition_number(singular) == pytest.approx(1 / torch.finfo(torch.float64).eps, rel=1e-3)
+    assert condition_number(torch.zeros(5, 5)) is None
+    assert condition_number(torch.full((3, 3), float("nan"))) is None
+    assert condition_number(torch.eye(6) * 3) == pytest.approx(1.0)
+    assert condition_number(torch.tensor([[2.0]])) == pytest.approx(1.0)
