@@ -2,7 +2,13 @@
 choose one candidate per layer with the least total estimated loss.
 
 Sensitivity (``layer_sensitivity``). Two proxies are measured on the float model in one forward and
-backward pass over the calibration windows, for each Linear and candidate, with D = W - Q_c(W) (RTN):
+backward pass over the calibration windows, for each Linear and candidate, with D = W - Q_c(W) the error
+the layer will carry: Q_c is the method that will quantize it, round-to-nearest, or GPTQ with the
+scheme's own options (act-order, static groups, damping) against the float model's H. The method matters:
+GPTQ removes much more of some layers' error than of others', so an RTN-measured ranking spends the
+wide candidates where GPTQ needed no help (on SmolLM2 with act-order GPTQ, RTN-measured sensitivities gave
+a mixed scheme that only tied uniform INT4 g64 on perplexity; GPTQ-measured ones beat it clearly:
+specs/smollm2/methods.yaml);
 - ``output_error``: tr(D H D^T), the mean squared output error on the calibration inputs (H = X^T X / n);
 - ``kl_estimate``: 0.5 sum_o g_o (D H D^T)_oo with g_o the mean squared gradient of the next-token
   cross-entropy with respect to output o (the empirical Fisher of the outputs, diagonal, with the
@@ -254,10 +260,19 @@ def sensitivity_statistics(model, calibration: torch.Tensor, batch_size: int = 8
     return {name: (H / n_inputs, g / n_tokens) for name, (H, g) in sums.items() if H is not None and g is not None}
 
 
-def layer_sensitivity(model, calibration: torch.Tensor, candidates: dict, *, batch_size: int = 8) -> dict:
+def layer_sensitivity(model, calibration: torch.Tensor, candidates: dict, *, batch_size: int = 8,
+                      solver: Optional[dict] = None) -> dict:
     """{layer: {candidate: {"output_error": ..., "kl_estimate": ...}}} for every block Linear of the float
-    ``model`` and every candidate Scheme in ``candidates`` {name: Scheme}, RTN-quantized (module docstring)."""
+    ``model`` and every candidate Scheme in ``candidates`` {name: Scheme} (module docstring). The error D is
+    round-to-nearest's, or with ``solver`` (quantlab.gptq.gptq_quantize's options: damp, block_size,
+    act_order, static_groups) GPTQ's against the layer's float-model H."""
+    from quantlab.gptq import gptq_quantize
     from quantlab.quant import quantize_rtn
+
+    def quantized(W, H, scheme):
+        if solver is None:
+            return quantize_rtn(W, scheme).dequantize()
+        return gptq_quantize(W, H, scheme, **solver).qtensor.dequantize()
 
     statistics = sensitivity_statistics(model, calibration, batch_size)
     out = {}
@@ -269,7 +284,7 @@ def layer_sensitivity(model, calibration: torch.Tensor, candidates: dict, *, bat
         H, g = H.cpu(), g.cpu()
         out[name] = {}
         for cname, scheme in candidates.items():
-            D = W - quantize_rtn(W, scheme).dequantize()
+            D = W - quantized(W, H, scheme)
             per_output = ((D @ H) * D).sum(dim=1)    # (out,): (D H D^T)_oo
             out[name][cname] = {"output_error": float(per_output.sum()),
                                 "kl_estimate": 0.5 * float((g * per_output).sum())}
@@ -356,13 +371,16 @@ class MixedPlan:
     assignment: Assignment
 
 
-def plan_mixed(model, calibration: torch.Tensor, mixed: MixedScheme, *, batch_size: int = 8) -> MixedPlan:
+def plan_mixed(model, calibration: torch.Tensor, mixed: MixedScheme, *, batch_size: int = 8,
+               solver: Optional[dict] = None) -> MixedPlan:
     """Measure every block Linear's sensitivity to every candidate on the float ``model`` and solve the
-    knapsack under the budget (bits_per_weight over the block Linears, as results' ``bits_per_weight``)."""
+    knapsack under the budget (bits_per_weight over the block Linears, as results' ``bits_per_weight``).
+    ``solver``: GPTQ's options when the scheme is quantized with GPTQ, so the sensitivities are of GPTQ's
+    error (layer_sensitivity); None for round-to-nearest."""
     candidates = mixed.schemes()
     shapes = {name: tuple(model.module.get_submodule(name).weight.shape) for name in model.all_linear_names()}
     costs = candidate_costs(shapes, candidates)
-    measured = layer_sensitivity(model, calibration, candidates, batch_size=batch_size)
+    measured = layer_sensitivity(model, calibration, candidates, batch_size=batch_size, solver=solver)
     missing = [name for name in shapes if name not in measured]
     if missing:
         raise ValueError(f"no calibration input reached {missing[0]} (and {len(missing) - 1} more), so its sensitivity "

@@ -165,6 +165,30 @@ def test_sensitivity_ranks_layers_like_the_true_kl_increase():
     assert 0.3 < sum(estimate) / sum(true) < 3
 
 
+def test_with_a_solver_sensitivity_is_of_gptqs_error(minigpt):
+    """With GPTQ's options the error D is GPTQ's against the float model's H (what the layer will carry),
+    not round-to-nearest's: the proxies are computed from it, and its output error is below RTN's."""
+    from quantlab.gptq import gptq_quantize
+    from quantlab.mixed import layer_sensitivity, sensitivity_statistics
+    from quantlab.quant import Scheme
+
+    calibration = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(1))
+    candidates = {"int3-g16": Scheme(3, group_size=16)}
+    solver = dict(damp=0.01, block_size=128, act_order=True, static_groups=True)
+    rtn = layer_sensitivity(minigpt, calibration, candidates)
+    gptq = layer_sensitivity(minigpt, calibration, candidates, solver=solver)
+    statistics = sensitivity_statistics(minigpt, calibration)
+    for name in minigpt.all_linear_names():
+        H, g = statistics[name]
+        W = minigpt.module.get_submodule(name).weight.detach().float()
+        D = W - gptq_quantize(W, H, candidates["int3-g16"], **solver).qtensor.dequantize()
+        per_output = ((D @ H) * D).sum(dim=1)
+        measured = gptq[name]["int3-g16"]
+        assert measured["output_error"] == pytest.approx(float(per_output.sum()), rel=1e-4)
+        assert measured["kl_estimate"] == pytest.approx(0.5 * float((g * per_output).sum()), rel=1e-4)
+        assert measured["output_error"] < rtn[name]["int3-g16"]["output_error"]
+
+
 # ----------------------------------------------------------------------------------------------
 # In the pipeline
 
@@ -205,3 +229,22 @@ def test_mixed_spec_keys():
         SchemeConfig("m", bits=4, mixed={"candidates": ["int4-g64"], "budget": "4 bits_per_weight"})
     with pytest.raises(ValueError, match="budget must be like"):
         SchemeConfig("m", mixed={"candidates": ["int4-g64"], "budget": "a lot"})
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_the_plan_measures_the_error_of_the_method_that_quantizes(minigpt, method):
+    """Under GPTQ the recorded sensitivities are GPTQ's error with the scheme's own solver options (an
+    RTN-measured ranking spends the wide grids where GPTQ needed no help); under RTN, RTN's."""
+    from quantlab.calibrate import quantize_model
+    from quantlab.mixed import MixedScheme, layer_sensitivity
+
+    calibration = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(2))
+    mixed = MixedScheme(("int3-g16", "int8-per-channel"), parse_budget("5 bits_per_weight"))
+    options = dict(damp=0.02, block_size=128, act_order=True, static_groups=True)
+    quantized = quantize_model(minigpt, mixed, calibration, method=method, **options)
+    solver = options if method == "gptq" else None
+    expected = layer_sensitivity(minigpt, calibration, mixed.schemes(), solver=solver)
+    other = layer_sensitivity(minigpt, calibration, mixed.schemes(), solver=None if solver else options)
+    for name, layer in quantized.layers.items():
+        assert layer["sensitivity"]["int3-g16"] == pytest.approx(expected[name]["int3-g16"]["kl_estimate"], rel=1e-4)
+        assert layer["sensitivity"]["int3-g16"] != pytest.approx(other[name]["int3-g16"]["kl_estimate"], rel=1e-3)
