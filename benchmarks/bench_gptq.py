@@ -3,6 +3,7 @@
     python benchmarks/bench_gptq.py                 # the solver on a 4096x4096 Linear (INT4 g128, block 128)
     python benchmarks/bench_gptq.py --minigpt       # + the whole MiniGPT INT4 g64 GPTQ pipeline
     python benchmarks/bench_gptq.py --smollm2       # + the whole SmolLM2-135M pipeline (128 x 512 tokens)
+    python benchmarks/bench_gptq.py --profile       # + where one solve's time goes, step by step
 
 The solver's target is at most 2x the seconds of one 4096^3 float32 matmul, timed in the same process
 (the paper's reference formulation is timed beside it; it spends most of its time in a per-column
@@ -20,7 +21,9 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
+import cProfile  # noqa: E402
 import json  # noqa: E402
+import pstats  # noqa: E402
 import resource  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -82,7 +85,7 @@ def reference_gptq(W: torch.Tensor, H: torch.Tensor, scheme: Scheme, block_size:
     return Q
 
 
-def bench_solver(n: int, repeats: int, with_reference: bool) -> None:
+def bench_solver(n: int, repeats: int, with_reference: bool, with_profile: bool = False) -> None:
     scheme, block_size = Scheme(4, group_size=128), 128
     H = realistic_hessian(n, n_tokens=2 * n)
     W = torch.randn(n, n, generator=torch.Generator().manual_seed(1)) * 0.02
@@ -114,24 +117,130 @@ def bench_solver(n: int, repeats: int, with_reference: bool) -> None:
         print(f"  reference formulation {best['reference']:.3f} s = {best['reference'] / best['matmul']:.2f}x matmul "
               f"(runs: {runs['reference']})")
     print(f"  rel_loss {result.rel_loss:.3e}, damp {result.damp:g}, health {result.health}")
+    if with_profile:
+        profile_solver(W, H, scheme, block_size, best["matmul"])
+
+
+# The solver's steps, named by the function that does the work (a torch call is named by its caller).
+STEPS = {
+    "_upper_factor": "Cholesky of H (with its flips)",
+    "_triangular_weighted_norm": "rel_loss denominator ||W R||^2",
+    "round": "column loop: rounding to the grid",
+    "_Grid.__init__": "group scales: grids prepared for the loop",
+    "compute_scales": "group scales (quant.compute_scales)",
+    "_range_scales": "group scales (quant.compute_scales)",
+    "fp16_ceil": "group scales (quant.compute_scales)",
+    "gptq_quantize": "setup: checks, copies, reordering",
+    "_validate": "setup: checks, copies, reordering",
+    "all_finite": "setup: checks, copies, reordering",
+}
+SOLVE_CALLS = {   # torch calls made by _solve itself, by a part of the profiler's name for them
+    "'addmm_'": "products: lazy batch updates and sub-block updates",
+    "'addr_'": "column loop: rank-1 updates inside a sub-block",
+    "method sub ": "column loop: errors w - q",
+    "solve_triangular": "dynamic groups: loss-optimal weights w_S + G_S R_SS^-1",
+}
+
+
+def _step(function: tuple, caller: tuple) -> str:
+    """The solver step a profiled call belongs to: a Python function's own time goes to its step, a
+    torch call's time to its caller's."""
+    filename, _, name = function
+    is_python = filename not in ("~", "") and not name.startswith("<")
+    where = function if is_python else caller
+    where_name = where[2]
+    if where_name == "_solve":
+        if is_python:
+            return "column loop: Python interpreter"
+        for call, step in SOLVE_CALLS.items():
+            if call in name:
+                return step
+        return "_solve: per-block buffers, sums and code conversion"
+    for function_name, step in STEPS.items():
+        if where_name == function_name.split(".")[-1]:
+            return step
+    return "other"
+
+
+def profile_solver(W: torch.Tensor, H: torch.Tensor, scheme: Scheme, block_size: int, matmul_seconds: float) -> None:
+    """Print where one solve's time goes (cProfile, whose own overhead per call inflates the column loop
+    a little), each step beside the matmul it is measured against."""
+    profiler = cProfile.Profile()
+    started = time.perf_counter()
+    profiler.enable()
+    gptq_quantize(W, H, scheme, block_size=block_size)
+    profiler.disable()
+    total = time.perf_counter() - started
+    steps: dict = {}
+    for function, (_, _, own, _, callers) in pstats.Stats(profiler).stats.items():
+        if not callers:
+            steps["other"] = steps.get("other", 0.0) + own
+        for caller, (_, _, own_from_caller, _) in callers.items():
+            step = _step(function, caller)
+            steps[step] = steps.get(step, 0.0) + own_from_caller
+    print(f"  where one solve's time goes (cProfile, {total:.3f} s in all = {total / matmul_seconds:.2f}x matmul):")
+    for step, seconds in sorted(steps.items(), key=lambda item: -item[1]):
+        if seconds >= 0.0005:
+            print(f"    {seconds:7.3f} s  {seconds / matmul_seconds:5.2f}x matmul  {step}")
+
+
+def exact_condition_number(H: torch.Tensor) -> float:
+    """lambda_max / lambda_min from a float64 eigendecomposition (what h_cond cost before the estimate)."""
+    eigenvalues = torch.linalg.eigvalsh(H.to(torch.float64))
+    return float(eigenvalues[-1]) / max(float(eigenvalues[0]), float(eigenvalues[-1]) * torch.finfo(torch.float64).eps)
 
 
 def bench_pipeline(name: str) -> dict:
     """Quantize a model end to end with GPTQ INT4 g64; seconds and the process's peak RSS."""
-    from quantlab.calibrate import quantize_model
+    from quantlab import calibrate
     from quantlab.data import calibration_windows, load_text
     from quantlab.models.registry import load_model
 
+    # The per-layer statistics (h_cond and the rest), timed where the pipeline computes them.
+    statistics_seconds = [0.0]
+    summarize = calibrate.InputStatistics._summarize
+
+    hessians = []   # kept to compare h_cond with the exact eigendecomposition afterwards
+
+    def timed_summarize(self):
+        started = time.perf_counter()
+        try:
+            return summarize(self)
+        finally:
+            statistics_seconds[0] += time.perf_counter() - started
+            hessians.append(self.hessian.clone())
+
+    calibrate.InputStatistics._summarize = timed_summarize
+    condition_number = calibrate.condition_number
+    estimate_seconds = 0.0
+
+    def timed_condition_number(H):
+        nonlocal estimate_seconds
+        started = time.perf_counter()
+        try:
+            return condition_number(H)
+        finally:
+            estimate_seconds += time.perf_counter() - started
+
+    calibrate.condition_number = timed_condition_number
     started = time.perf_counter()
     model = load_model({"minigpt": "minigpt-shakespeare", "smollm2": "smollm2-135m"}[name])
     seq_len = min(512, model.max_seq_len)
     calibration = calibration_windows(model.encode(load_text("shakespeare", "train")), 128, seq_len, 0)
     loaded = time.perf_counter()
-    quantized = quantize_model(model, Scheme(4, group_size=64), calibration, method="gptq")
+    quantized = calibrate.quantize_model(model, Scheme(4, group_size=64), calibration, method="gptq")
     done = time.perf_counter()
+    exact_started = time.perf_counter()
+    exact = [exact_condition_number(H) for H in hessians]
+    exact_seconds = time.perf_counter() - exact_started
+    ratios = [condition_number(H) / value for H, value in zip(hessians, exact)]
     return {
         "model": model.name, "calibration": f"{calibration.shape[0]} x {calibration.shape[1]} tokens",
         "load_seconds": round(loaded - started, 1), "quantize_seconds": round(done - loaded, 1),
+        "statistics_seconds": round(statistics_seconds[0], 2),
+        "statistics_share": f"{statistics_seconds[0] / (done - loaded):.1%}",
+        "statistics_with_eigvalsh_h_cond_seconds": round(statistics_seconds[0] - estimate_seconds + exact_seconds, 2),
+        "h_cond_estimate_over_exact": f"{min(ratios):.6f}..{max(ratios):.6f} ({len(ratios)} Hessians)",
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
         "mean_rel_loss": quantized.mean("rel_loss"), "mean_rtn_rel_loss": quantized.mean("rtn_rel_loss"),
         "health_events": len(quantized.health),
@@ -145,6 +254,7 @@ def main(argv=None) -> None:
     parser.add_argument("--no-solver", action="store_true", help="skip the solver benchmark")
     parser.add_argument("--reference", action="store_true",
                         help="also time the paper's reference formulation (inverse Hessian, per-column loop)")
+    parser.add_argument("--profile", action="store_true", help="also print where one solve's time goes")
     parser.add_argument("--minigpt", action="store_true", help="time the MiniGPT INT4 g64 GPTQ pipeline")
     parser.add_argument("--smollm2", action="store_true", help="time the SmolLM2-135M INT4 g64 GPTQ pipeline")
     parser.add_argument("--pipeline-child", choices=["minigpt", "smollm2"], help=argparse.SUPPRESS)
@@ -154,7 +264,7 @@ def main(argv=None) -> None:
         print(json.dumps(bench_pipeline(args.pipeline_child)))
         return
     if not args.no_solver:
-        bench_solver(args.size, args.repeats, args.reference)
+        bench_solver(args.size, args.repeats, args.reference, args.profile)
     for name in [n for n in ("minigpt", "smollm2") if getattr(args, n)]:
         child = subprocess.run([sys.executable, __file__, "--pipeline-child", name],
                                capture_output=True, text=True, check=True)

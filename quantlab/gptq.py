@@ -174,18 +174,17 @@ def all_finite(x: torch.Tensor) -> bool:
     return math.isfinite(float(low)) and math.isfinite(float(high))
 
 
-def condition_number(H: torch.Tensor, *, tolerance: float = 1e-4, max_iterations: int = 50) -> Optional[float]:
+def condition_number(H: torch.Tensor, *, steps: int = 32) -> Optional[float]:
     """An estimate of lambda_max / lambda_min of a symmetric positive semi-definite H (quantlab.calibrate's
-    per-layer ``h_cond``), in float64, for about the cost of one Cholesky factorisation rather than an
+    per-layer ``h_cond``), in float64, for about the cost of two Cholesky factorisations rather than an
     eigendecomposition.
 
-    How: lambda_max by subspace iteration on H, lambda_min by subspace iteration on H^-1 = L^-T L^-1 (L the
-    Cholesky factor of H), each with a block of _RITZ_BLOCK vectors and stopped when its
-    Rayleigh-Ritz value moves by less than ``tolerance`` (relative) between iterations. A Rayleigh-Ritz
-    value never exceeds the extreme eigenvalue it estimates, so the result is a lower bound of the exact
-    ratio, up to rounding; where the extreme eigenvalues stand apart from the rest it converges to it, and
-    where they are clustered it stops inside the cluster, within the cluster's spread
-    (tests/test_gptq.py checks matrices of known spectrum and correlated Hessians against eigvalsh).
+    How: lambda_max by ``steps`` Lanczos steps on H, lambda_min by as many on H^-1 = L^-T L^-1 (L the
+    Cholesky factor of H). A Lanczos (Rayleigh-Ritz) value never exceeds the extreme eigenvalue it
+    estimates, so the result is a lower bound of the exact ratio, up to rounding. It converges fastest
+    where the extreme eigenvalues stand apart from the rest; where they are clustered it lands inside the
+    cluster, within its spread (tests/test_gptq.py checks matrices of known spectrum and correlated
+    Hessians against eigvalsh; benchmarks/bench_gptq.py --minigpt/--smollm2 every Hessian of a run).
     A singular H (whose float64 Cholesky factorisation fails) reports 1 / eps(float64), about 4.5e15,
     rather than infinity, so results stay JSON numbers; a zero or non-finite H, None."""
     if not all_finite(H):
@@ -193,35 +192,53 @@ def condition_number(H: torch.Tensor, *, tolerance: float = 1e-4, max_iterations
     H = H.detach().to(torch.float64)
     if H.numel() == 0 or float(H.diagonal().max()) <= 0:
         return None                                   # PSD with a zero diagonal: H = 0
-    largest = _largest_ritz_value(lambda X: H @ X, H.shape[0], H.device, tolerance, max_iterations)
+    largest = _largest_ritz_value(lambda v: H @ v, H.shape[0], steps)
     L, info = torch.linalg.cholesky_ex(H)
     if int(info) != 0:
         return 1 / torch.finfo(torch.float64).eps
-    # H^-1 = L^-T L^-1. The explicit triangular inverse costs about one more Cholesky, and makes each
-    # iteration two matrix products: solving with L for a few vectors at a time is many times slower.
+    # H^-1 = L^-T L^-1. The explicit triangular inverse costs about one more Cholesky and makes each step
+    # two matrix-vector products, where solving with L one vector at a time is many times slower.
     L_inverse = torch.linalg.solve_triangular(L, torch.eye(H.shape[0], dtype=H.dtype, device=H.device), upper=False)
-    smallest = 1 / _largest_ritz_value(lambda X: L_inverse.t() @ (L_inverse @ X), H.shape[0], H.device,
-                                       tolerance, max_iterations)
+    smallest = 1 / _largest_ritz_value(lambda v: L_inverse.t() @ (L_inverse @ v), H.shape[0], steps)
     return largest / max(smallest, largest * torch.finfo(torch.float64).eps)
 
 
-_RITZ_BLOCK = 8   # vectors per subspace iteration: one product with 8 columns costs about one with 1
-
-
-def _largest_ritz_value(apply, n: int, device, tolerance: float, max_iterations: int) -> float:
-    """The largest Rayleigh-Ritz value of the symmetric operator ``apply`` (X (n, p) -> A X) by subspace
-    iteration from a seeded random start: at most A's largest eigenvalue, and converging to it."""
-    X = torch.randn(n, min(_RITZ_BLOCK, n), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    X = torch.linalg.qr(X.to(device)).Q
-    previous = None
-    for _ in range(max_iterations):
-        Y = apply(X)
-        value = float(torch.linalg.eigvalsh(X.t() @ Y)[-1])        # X orthonormal: the Ritz values
-        if previous is not None and abs(value - previous) <= tolerance * abs(value):
-            break
-        previous = value
-        X = torch.linalg.qr(Y).Q
+def _largest_ritz_value(apply, n: int, steps: int, tolerance: float = 1e-6) -> float:
+    """The largest eigenvalue of T = V A V^T after at most ``steps`` Lanczos steps (fully
+    reorthogonalised) on the symmetric positive semi-definite operator ``apply`` (v -> A v), from a seeded
+    random start: at most A's largest eigenvalue, and converging to it. Stops early once the value moves
+    by less than ``tolerance`` (relative) over _RITZ_CHECK steps."""
+    V = torch.empty(min(steps, n), n, dtype=torch.float64)      # the orthonormal Lanczos vectors, as rows
+    v = torch.randn(n, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    v = v / torch.linalg.vector_norm(v)
+    alphas, betas, value = [], [], None
+    for k in range(V.shape[0]):
+        V[k] = v
+        w = apply(v)
+        alphas.append(float(v @ w))
+        for _ in range(2):                                      # twice is enough (Kahan and Parlett)
+            w = w - V[:k + 1].t() @ (V[:k + 1] @ w)
+        beta = float(torch.linalg.vector_norm(w))
+        exhausted = beta <= 1e-12 * max(abs(a) for a in alphas)   # the Krylov space holds an eigenvector
+        if exhausted or k + 1 == V.shape[0] or (k + 1) % _RITZ_CHECK == 0:
+            previous, value = value, _largest_tridiagonal_eigenvalue(alphas, betas)
+            if exhausted or (previous is not None and value - previous <= tolerance * value):
+                break
+        betas.append(beta)
+        v = w / beta
     return value
+
+
+_RITZ_CHECK = 4   # Lanczos steps between convergence checks
+
+
+def _largest_tridiagonal_eigenvalue(diagonal: list, off_diagonal: list) -> float:
+    k = len(diagonal)
+    T = torch.diag(torch.tensor(diagonal, dtype=torch.float64))
+    if k > 1:
+        off = torch.tensor(off_diagonal[:k - 1], dtype=torch.float64)
+        T = T + torch.diag(off, 1) + torch.diag(off, -1)
+    return float(torch.linalg.eigvalsh(T)[-1])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -416,21 +433,25 @@ def _solve(W: torch.Tensor, R: torch.Tensor, order: Optional[torch.Tensor], sche
         feedback_scaled = R[i1:i2, i1:i2] / r_diag[i1:i2]                   # (B, B): R[i, j] / R[j, j]
         errors = torch.empty_like(current)      # (B, out): w_j - q_j, original weights minus rounded
         levels = torch.empty_like(current)      # (B, out): the codes, as floats
+        # Row views made once per block: indexing a tensor costs about as much as a small operation.
+        current_rows, level_rows, error_rows = current.unbind(), levels.unbind(), errors.unbind()
+        weight_rows = W_t[i1:i2].unbind()
         for s1 in range(0, i2 - i1, sub_block):
             s2 = min(s1 + sub_block, i2 - i1)
             for k in range(s1, s2):
-                j = i1 + k
-                grids.for_loop[groups[j]].round(current[k], levels[k], rounded)
-                torch.sub(W_t[j], rounded, out=errors[k])
+                grids.for_loop[groups[i1 + k]].round(current_rows[k], level_rows[k], rounded)
+                torch.sub(weight_rows[k], rounded, out=error_rows[k])
                 # (*) within the sub-block: column j's error reaches the sub-block's later columns now.
-                current[k + 1:s2].addr_(feedback_scaled[k, k + 1:s2], errors[k])
+                if k + 1 < s2:
+                    current[k + 1:s2].addr_(feedback_scaled[k, k + 1:s2], error_rows[k])
             # (*) for the rest of the block, in one product per sub-block.
             if s2 < i2 - i1:
                 current[s2:].addmm_(feedback_scaled[s1:s2, s2:].t(), errors[s1:s2])
-        codes_t[i1:i2] = levels.to(codes_t.dtype)
+        codes_t[i1:i2].copy_(levels)
         # This block's rows of E = D R: (w'_j - q_j) R[j, j], since w'_j - q_j = (w_j - q_j) + G_j / R[j, j].
-        loss_damped += (current - W_t[i1:i2] + errors).mul_(r_diag[i1:i2, None]).square().sum()
-        error_sq += errors.square().sum()
+        loss_damped += torch.linalg.vector_norm(
+            current.sub_(W_t[i1:i2]).add_(errors).mul_(r_diag[i1:i2, None]), dtype=torch.float64) ** 2
+        error_sq += torch.linalg.vector_norm(errors, dtype=torch.float64) ** 2
         # (*) for every column after the block, in one product: the lazy batch update.
         feedback[i2:].addmm_(R[i1:i2, i2:].t(), errors)
 
