@@ -47,7 +47,7 @@ from quantlab.models.base import LanguageModel
 from quantlab.accounting import KEEP_KINDS, deployable_bytes, kept_module_values
 from quantlab.awq import awq_search, scaled_hessian
 from quantlab.mixed import MixedScheme, plan_mixed
-from quantlab.quant import FLOAT_DTYPES, FloatScheme, Scheme, quantize_rtn
+from quantlab.quant import FLOAT_DTYPES, FloatScheme, Scheme, quantize_rtn, scale_shrinks, shrink_counts
 from quantlab.offload import TensorStore, offload_of, resident
 from quantlab.paused import Batch, PausedRun
 from quantlab.swap import SwappedModel, Values, materialize
@@ -57,9 +57,12 @@ from quantlab.swap import SwappedModel, Values, materialize
 # it is method "gptq" with awq=True). The spec's `method` key takes exactly these names.
 METHODS = ("float", "rtn", "gptq", "awq")
 # Every layer reports all of these (None when not measured); heldout_rel_loss only with held-out tokens.
-# awq_alpha: AWQ's chosen exponent; bits, scheme, sensitivity: a mixed scheme's choice for the layer.
+# awq_alpha, awq_group: AWQ's chosen exponent and the input group sharing it; bits, scheme, sensitivity: a
+# mixed scheme's choice for the layer; weight_rel_error: ||W - W_hat||^2 / ||W||^2, measured without calibration
+# too; shrink_mean and shrink_counts (scale_search 'mse' only): the shrink factors the search chose.
 LAYER_STATISTICS = ("rel_loss", "rtn_rel_loss", "damp", "seconds", "h_cond", "h_diag_spread", "input_absmax",
-                    "outlier_ratio", "n_tokens", "awq_alpha", "bits", "scheme", "sensitivity")
+                    "outlier_ratio", "n_tokens", "awq_alpha", "awq_group", "bits", "scheme", "sensitivity",
+                    "weight_rel_error")
 
 
 @dataclass
@@ -357,15 +360,13 @@ def quantize_model(model: LanguageModel, scheme: Union[Scheme, FloatScheme, Mixe
                 calibration = None
             if calibration is None or (heldout is not None and heldout.shape[0] == 0):
                 heldout = None   # held-out error is measured on the calibration pipeline's Hessians
-            solver = dict(damp=damp, block_size=block_size, act_order=act_order, static_groups=static_groups)
             if isinstance(scheme, MixedScheme):
                 if calibration is None:
                     raise ValueError(f"{scheme.describe()} measures each layer's sensitivity on calibration windows; "
                                      "give calibration tokens")
-                # Sensitivities of the error the method will leave: GPTQ's, with this solver, under GPTQ.
-                quantized.mixed_plan = plan_mixed(model, calibration, scheme, batch_size=batch_size,
-                                                  solver=solver if method == "gptq" else None)
+                quantized.mixed_plan = plan_mixed(model, calibration, scheme, batch_size=batch_size)
                 quantized.layer_schemes = quantized.mixed_plan.schemes
+            solver = dict(damp=damp, block_size=block_size, act_order=act_order, static_groups=static_groups)
             _quantize_blocks(quantized, calibration, heldout, solver, batch_size, progress, keep)
             if offload is None:
                 quantized.replaced = kept_module_values(model, set(quantized.qtensors), keep)
@@ -587,7 +588,7 @@ def _quantize_group(quantized: QuantizedModel, group: InputGroup, inputs: InputS
         _quantize_layer(quantized, name, inputs, heldout_inputs, solver, calibrated=True)
         layer = quantized.layers[name]
         if alpha is not None:
-            layer["awq_alpha"] = alpha
+            layer["awq_alpha"], layer["awq_group"] = alpha, group.names[0]
             layer["seconds"] = (layer["seconds"] or 0.0) + search_seconds
 
 
@@ -644,11 +645,28 @@ def _quantize_layer(quantized: QuantizedModel, name: str, inputs: Optional[Input
         if heldout_inputs is not None and heldout_inputs.n_tokens:
             W_hat = qtensor.dequantize() if s is None else qtensor.dequantize() / s
             layer["heldout_rel_loss"] = _finite_or_none(relative_loss(W, W_hat, heldout_inputs.hessian))
+    _record_weight_error(layer, W, qtensor, quantized.input_scales.get(name))
     # The rest of the block computes with the quantized weight: the float one is put back afterwards.
     quantized._float_weights.setdefault(name, linear.weight.data)
     quantized.qtensors[name] = qtensor
     linear.weight.data = quantized.dequantized(name).to(linear.weight.dtype)
     quantized.layers[name] = layer
+
+
+def _record_weight_error(layer: dict, W: torch.Tensor, qtensor, scale: Optional[torch.Tensor]) -> None:
+    """The layer's relative weight error ||W - W_hat||^2 / ||W||^2 (W_hat as the layer computes, AWQ's input
+    scale undone) and, under scale_search 'mse', the shrink factors chosen for the weights that were
+    quantized (W s with AWQ): their mean over groups and their counts per factor (quantlab.quant.scale_shrinks)."""
+    W = W.detach().to(torch.float32)
+    s = None if scale is None else scale.to(torch.float32).to(W.device)
+    W_hat = qtensor.dequantize() if s is None else qtensor.dequantize() / s
+    norm = float(W.square().sum())
+    layer["weight_rel_error"] = _finite_or_none(float((W - W_hat).square().sum()) / norm) if norm > 0 else None
+    if qtensor.scheme.scale_search == "mse":
+        shrinks = scale_shrinks(W if s is None else W * s, qtensor)
+        finite = shrinks[torch.isfinite(shrinks)]
+        layer["shrink_mean"] = float(finite.mean()) if finite.numel() else None
+        layer["shrink_counts"] = shrink_counts(shrinks)
 
 
 def _restore_float_weights(quantized: QuantizedModel) -> None:

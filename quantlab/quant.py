@@ -18,7 +18,7 @@ Conventions (all stated in every results fingerprint):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 import torch
@@ -228,6 +228,36 @@ def _contiguous_group_error(Wr: torch.Tensor, size: int, scales: torch.Tensor, z
             q = torch.clamp(q, scheme.qmin, scheme.qmax)
         parts.append((x - q * s).square().contiguous().sum(dim=2))
     return torch.cat(parts, dim=1)
+
+
+def scale_shrinks(W: torch.Tensor, qtensor: "QTensor") -> torch.Tensor:
+    """(rows, n_groups) float32: each group's stored scale over the absmax scale of the same group of W (the
+    weights that were quantized, in the QTensor's groups); NaN for an all-zero group. With
+    ``scale_search='mse'`` on W itself (RTN, AWQ's scaled weights, GPTQ with static groups or per channel)
+    this is the shrink factor the search chose, to within float16 rounding of both scales (about 0.1%, far
+    under the grid's 0.025 step). With GPTQ's dynamic groups the search saw the solver's updated weights,
+    so the ratio is to the original weights' range and may fall off the grid or exceed 1."""
+    reference, _ = compute_scales(W, replace(qtensor.scheme, scale_search="absmax"), qtensor.group_of_column())
+    reference, stored = reference.to(torch.float32), qtensor.scales.to(torch.float32)
+    positive = reference > 0
+    return torch.where(positive, stored / torch.where(positive, reference, torch.ones_like(reference)),
+                       torch.full_like(reference, float("nan")))
+
+
+def shrink_counts(shrinks: torch.Tensor) -> dict:
+    """{factor of MSE_SHRINK_GRID as '0.925': groups whose shrink (``scale_shrinks``) is nearest it} for the
+    factors that occur, in grid order, and 'other' for shrinks more than half a step off the grid (only
+    GPTQ's dynamic groups: see ``scale_shrinks``). NaN (all-zero groups) is not counted."""
+    values = shrinks[torch.isfinite(shrinks)].to(torch.float64)
+    step = MSE_SHRINK_GRID[0] - MSE_SHRINK_GRID[1]
+    index = torch.round((MSE_SHRINK_GRID[0] - values) / step)
+    on_grid = (index >= 0) & (index < len(MSE_SHRINK_GRID))
+    found = torch.bincount(index[on_grid].to(torch.int64), minlength=len(MSE_SHRINK_GRID)).tolist()
+    counts = {f"{factor:.3f}": n for factor, n in zip(MSE_SHRINK_GRID, found) if n}
+    other = int((~on_grid).sum())
+    if other:
+        counts["other"] = other
+    return counts
 
 
 def expand(per_group: torch.Tensor, g_idx: torch.Tensor, shape) -> torch.Tensor:

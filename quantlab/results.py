@@ -123,7 +123,8 @@ class HealthEvent:
 # results.json only when measured.
 LAYER_STATISTICS = ("rel_loss", "rtn_rel_loss", "damp", "seconds", "h_cond", "h_diag_spread", "input_absmax",
                     "outlier_ratio", "n_tokens")
-OPTIONAL_LAYER_STATISTICS = ("heldout_rel_loss", "code_min", "code_max", "awq_alpha", "bits", "scheme", "sensitivity")
+OPTIONAL_LAYER_STATISTICS = ("heldout_rel_loss", "code_min", "code_max", "awq_alpha", "awq_group", "bits", "scheme",
+                             "sensitivity", "weight_rel_error", "shrink_mean", "shrink_counts")
 
 
 @dataclass(frozen=True)
@@ -141,9 +142,13 @@ class LayerStats:
     code_min: Optional[int] = None
     code_max: Optional[int] = None
     awq_alpha: Optional[float] = None        # AWQ's chosen exponent: s = mean|x|^alpha (method awq, awq: true)
+    awq_group: Optional[str] = None          # ... and the first Linear of the input group that shares s
     bits: Optional[int] = None               # a mixed scheme's assigned width for this layer
     scheme: Optional[str] = None             # ... and the candidate it is
     sensitivity: Optional[dict] = None       # ... and every candidate's estimated loss (the knapsack's input)
+    weight_rel_error: Optional[float] = None  # ||W - W_hat||^2 / ||W||^2 of the weight the layer computes with
+    shrink_mean: Optional[float] = None      # scale_search mse: mean over groups of stored / absmax scale
+    shrink_counts: Optional[dict] = None     # ... and groups per chosen shrink factor ('0.925': n; 'other')
 
     def __post_init__(self):
         _normalise_floats(self)

@@ -56,7 +56,8 @@ def make_results(model, ppl_by_scheme, gptq_of=None, tasks=True, layers=True, sw
             tasks={"verb_tense": TaskResult(acc=0.9 - 0.05 * i, acc_stderr=0.02, n=300)} if tasks else {},
             nan_count=0, **sizes,
             layers={n: LayerStats(rel_loss=2.0 ** -preset.bits * (j + 1), rtn_rel_loss=2.0 ** -preset.bits * (j + 2),
-                                  damp=0.01, **(mixed_layer(j) if name in gptq_of else {}))
+                                  damp=0.01, **(mixed_layer(j) if name in gptq_of else {}),
+                                  **(awq_and_search_layer(j, linear_names) if name in gptq_of else {}))
                     for j, n in enumerate(linear_names)} if quantized and layers else {},
         )
     sweeps = ()
@@ -82,6 +83,13 @@ def mixed_layer(j):
     chosen = "int3-g64" if j % 2 else "int8-per-channel"
     return {"bits": 3 if j % 2 else 8, "scheme": chosen,
             "sensitivity": {"int3-g64": 1e-2 * (j + 1), "int4-g64": 2e-3 * (j + 1), "int8-per-channel": 1e-5 * (j + 1)}}
+
+
+def awq_and_search_layer(j, names):
+    """What an AWQ scheme with scale_search mse records for layer j of ``names`` (the awq and scale_search
+    plots' data): its group's alpha, the group (pairs of layers), the weight error and the shrink factors."""
+    return {"awq_alpha": 0.1 * (j // 2 % 4), "awq_group": names[j - j % 2], "weight_rel_error": 1e-3 * (j + 1),
+            "shrink_mean": 0.9 - 0.01 * j, "shrink_counts": {"1.000": 4, "0.925": 10 + j, "0.850": 3}}
 
 
 SEVEN = {"fp32": 10.0, "fp16": 10.01, "int8-per-tensor": 10.3, "int8-per-channel": 10.1,

@@ -22,8 +22,10 @@ import html
 
 from quantlab.analysis import (dominator, gap_of, is_number, pareto_frontier, same_grid_rtn, scheme_meta, scheme_method,
                                scheme_order, scheme_results, usable)
+from quantlab.report.awq import awq_sentences
 from quantlab.report.calibration_data import calibration_data_sentences
 from quantlab.report.plots import decode_points, machine_ceilings, measured_kernels
+from quantlab.report.scale_search import scale_search_sentences
 from quantlab.report.units import MISSING, _fmt_bytes, _fmt_num, _fmt_pct, _fmt_si, _fmt_with_error  # noqa: F401
 from quantlab.roofline import KERNEL_LABELS, attainable_gflops, decode_seconds, ridge_intensity
 
@@ -124,12 +126,13 @@ def metrics_table_html(results) -> str:
 
 def interpretation(results, memory_budget_bytes=None, machine=None) -> list:
     """What the numbers say, as sentences: the frontier, the best GPTQ scheme's gap against the spec's
-    own ppl_gap thresholds, the theoretical INT4 decode speed-up, the scheme to ship under a memory
-    budget, and the health events."""
+    own ppl_gap thresholds, the theoretical INT4 decode speed-up, the calibration corpora, AWQ's alphas and
+    the scale search against absmax, the scheme to ship under a memory budget, and the health events."""
     sentences = [_frontier_sentence(results)]
     sentences += _gptq_sentences(results, gap_thresholds(results))
     sentences += _speedup_sentences(results, machine_ceilings(results, machine))
     sentences += calibration_data_sentences(results)
+    sentences += awq_sentences(results) + scale_search_sentences(results)
     if memory_budget_bytes is not None:
         sentences.append(_budget_sentence(results, memory_budget_bytes))
     sentences += _health_sentences(results)

@@ -1,6 +1,7 @@
 """The report's plots: Pareto curve, task accuracy, error against calibration size, the decode
-roofline, (from ``quantlab.report.heatmap``) per-layer error and (from
-``quantlab.report.calibration_data``) quality per calibration corpus. Each takes a results dict (the results.json shape) and a path, and returns the
+roofline, (from ``quantlab.report.heatmap``) per-layer error, (from
+``quantlab.report.calibration_data``) quality per calibration corpus, and from their own modules the
+mixed-precision assignment, AWQ's alphas and errors, and the scale search's effect and shrink factors. Each takes a results dict (the results.json shape) and a path, and returns the
 PNG's path, or None when the results hold nothing to draw.
 
 Plots are drawn on ``matplotlib.figure.Figure`` objects rather than through pyplot: no global figure
@@ -18,8 +19,10 @@ from pathlib import Path
 
 from quantlab.analysis import is_number, pareto_frontier, scheme_method, scheme_order, scheme_results, usable
 from quantlab.files import write_bytes
+from quantlab.report import awq as _awq
 from quantlab.report import calibration_data as _calibration_data
 from quantlab.report import mixed_precision as _mixed_precision
+from quantlab.report import scale_search as _scale_search
 from quantlab.report.heatmap import MAX_LAYER_ROWS, layer_values, natural_key, plot_per_layer  # noqa: F401
 from quantlab.report.units import _fmt_bytes
 from quantlab.roofline import (KERNEL_LABELS, attainable_gflops, decode_intensity, decode_seconds, measure_machine,
@@ -27,7 +30,9 @@ from quantlab.roofline import (KERNEL_LABELS, attainable_gflops, decode_intensit
 
 log = logging.getLogger("quantlab")
 
-PLOTS = ("pareto", "accuracy", "calibration_size", "per_layer", "roofline", "calibration_data", "mixed_precision")
+# The one table of plot names: the spec schema (report.plots) and the report both read it.
+PLOTS = ("pareto", "accuracy", "calibration_size", "per_layer", "roofline", "calibration_data", "mixed_precision",
+         "awq", "scale_search")
 
 PLOT_CAPTIONS = {
     "pareto": "Size against perplexity, with ± 1 standard error of each perplexity over evaluation windows "
@@ -50,6 +55,8 @@ PLOT_CAPTIONS = {
                 "at the intensity of the bytes each reads and the GFLOP/s it reached.",
     "calibration_data": _calibration_data.CAPTION,
     "mixed_precision": _mixed_precision.CAPTION,
+    "awq": _awq.CAPTION,
+    "scale_search": _scale_search.CAPTION,
 }
 
 METHOD_COLOURS = {"float": "tab:gray", "rtn": "tab:blue", "gptq": "tab:red"}
@@ -401,6 +408,8 @@ def make_plots(results, out_dir, which=None, machine=None) -> dict:
         "roofline": lambda path: _draw_roofline(results, machine, path),
         "calibration_data": lambda path: _calibration_data.plot_calibration_data(results, path, _figure, _save_png),
         "mixed_precision": lambda path: _mixed_precision.plot_mixed_precision(results, path, _figure, _save_png),
+        "awq": lambda path: _awq.plot_awq(results, path, _figure, _save_png),
+        "scale_search": lambda path: _scale_search.plot_scale_search(results, path, _figure, _save_png),
     }
     written = {name: drawers[name](out_dir / f"{name}.png") for name in names}
     return {name: path for name, path in written.items() if path is not None}

@@ -22,6 +22,7 @@ from typing import Optional
 
 from quantlab.accounting import KEEP_KINDS
 from quantlab.metrics import LAYER_METRICS, is_metric, unknown_metric_hint
+from quantlab.report.plots import PLOTS   # the report's one table of plot names (re-exported by quantlab.spec)
 from quantlab.spec import references
 from quantlab.spec.checks import SpecView, parse_expectations
 from quantlab.spec.located import (Ctx, Located, SpecError, check_keys, dataclass_from, get_value, locate, plain,
@@ -29,7 +30,6 @@ from quantlab.spec.located import (Ctx, Located, SpecError, check_keys, dataclas
 from quantlab.spec.schemes import parse_schemes
 
 DEFAULT_KEEP = list(KEEP_KINDS)
-PLOTS = ("pareto", "accuracy", "calibration_size", "per_layer", "roofline", "calibration_data", "mixed_precision")
 SWEEPABLE = ("calibration.samples", "calibration.seq_len", "calibration.heldout_samples", "calibration.dataset", "seed")
 STRING_SWEEPS = ("calibration.dataset",)   # swept over names; the others over integers
 # The pytest markers a spec may put on its tests: pytest.ini's (real_model, slow) and the ones quantlab's
