@@ -360,13 +360,15 @@ def quantize_model(model: LanguageModel, scheme: Union[Scheme, FloatScheme, Mixe
                 calibration = None
             if calibration is None or (heldout is not None and heldout.shape[0] == 0):
                 heldout = None   # held-out error is measured on the calibration pipeline's Hessians
+            solver = dict(damp=damp, block_size=block_size, act_order=act_order, static_groups=static_groups)
             if isinstance(scheme, MixedScheme):
                 if calibration is None:
                     raise ValueError(f"{scheme.describe()} measures each layer's sensitivity on calibration windows; "
                                      "give calibration tokens")
-                quantized.mixed_plan = plan_mixed(model, calibration, scheme, batch_size=batch_size)
+                # Sensitivities of the error the method will leave: GPTQ's, with this solver, under GPTQ.
+                quantized.mixed_plan = plan_mixed(model, calibration, scheme, batch_size=batch_size,
+                                                  solver=solver if method == "gptq" else None)
                 quantized.layer_schemes = quantized.mixed_plan.schemes
-            solver = dict(damp=damp, block_size=block_size, act_order=act_order, static_groups=static_groups)
             _quantize_blocks(quantized, calibration, heldout, solver, batch_size, progress, keep)
             if offload is None:
                 quantized.replaced = kept_module_values(model, set(quantized.qtensors), keep)
