@@ -374,8 +374,15 @@ def _block_bounds(n: int, block_size: int, group_starts: range) -> list:
     return list(zip(starts, starts[1:] + [n]))
 
 
-def _sub_block_size(out_features: int) -> int:
-    """Columns per sub-block: the most whose in-sub-block updates stay inline (see _solve)."""
+# Columns per sub-block. Each sub-block costs one matrix product (which may wake torch's other threads)
+# and each of its columns a rank-1 update of the sub-block's later columns, done in pieces of
+# _rows_per_update rows so that each stays under the grain: 32 keeps both counts small
+# (benchmarks/bench_gptq.py --profile).
+_SUB_BLOCK = 32
+
+
+def _rows_per_update(out_features: int) -> int:
+    """Rows of a rank-1 update per operation: the most that keep it under _GRAIN_SIZE elements."""
     return max(1, _GRAIN_SIZE // out_features)
 
 
@@ -389,10 +396,10 @@ def _solve(W: torch.Tensor, R: torch.Tensor, order: Optional[torch.Tensor], sche
 
     Two levels of lazy updates: (*) reaches the columns after a block in one product per block, and the
     block's columns after a sub-block in one product per sub-block; one column at a time, only the
-    sub-block's own later columns are updated. A sub-block holds few enough columns that every
-    elementwise operation of the column loop touches at most _GRAIN_SIZE floats, so torch runs it on the
-    calling thread without waking its other threads, and the loop needs no change of the process-wide
-    thread count; the products use every thread torch has.
+    sub-block's own later columns are updated. Every elementwise operation of the column loop touches
+    at most _GRAIN_SIZE floats (the rank-1 updates in pieces of rows), so torch runs it on the calling
+    thread without waking its other threads, and the loop needs no change of the process-wide thread
+    count; the products use every thread torch has.
     """
     n, out = W.shape[1], W.shape[0]
     W_t = (W.t() if order is None else W.t()[order]).contiguous()   # (n, out): columns in solving order
@@ -400,7 +407,7 @@ def _solve(W: torch.Tensor, R: torch.Tensor, order: Optional[torch.Tensor], sche
     codes_t = torch.empty(W_t.shape, dtype=torch.int8 if scheme.qmin < 0 or scheme.qmax < 128 else torch.int16,
                           device=W.device)
     r_diag = R.diagonal()
-    sub_block = _sub_block_size(out)
+    sub_block, rows_per_update = _SUB_BLOCK, _rows_per_update(out)
 
     grids = _GroupGrids(scheme)
     dynamic_groups = scheme.granularity == "group" and not static_groups
@@ -442,8 +449,9 @@ def _solve(W: torch.Tensor, R: torch.Tensor, order: Optional[torch.Tensor], sche
                 grids.for_loop[groups[i1 + k]].round(current_rows[k], level_rows[k], rounded)
                 torch.sub(weight_rows[k], rounded, out=error_rows[k])
                 # (*) within the sub-block: column j's error reaches the sub-block's later columns now.
-                if k + 1 < s2:
-                    current[k + 1:s2].addr_(feedback_scaled[k, k + 1:s2], error_rows[k])
+                for r1 in range(k + 1, s2, rows_per_update):
+                    r2 = min(r1 + rows_per_update, s2)
+                    current[r1:r2].addr_(feedback_scaled[k, r1:r2], error_rows[k])
             # (*) for the rest of the block, in one product per sub-block.
             if s2 < i2 - i1:
                 current[s2:].addmm_(feedback_scaled[s1:s2, s2:].t(), errors[s1:s2])

@@ -81,12 +81,13 @@ def test_codes_match_the_papers_algorithm_one_column_at_a_time(scheme):
     assert torch.equal(result.qtensor.codes.long(), paper_gptq_codes(W, H, scheme))
 
 
-@pytest.mark.parametrize("sub_block", [1, 3, 7])
+@pytest.mark.parametrize("sub_block, rows_per_update", [(1, 1), (3, 1), (7, 2), (7, 100)])
 @pytest.mark.parametrize("block_size", [5, 16])
-def test_sub_blocks_do_not_change_a_decision(monkeypatch, sub_block, block_size):
-    # Sub-blocks are sized from the row count (thousands of rows give a few columns each): forced
-    # small here, so that a 16-row matrix exercises the sub-block products against the paper.
-    monkeypatch.setattr(quantlab.gptq, "_sub_block_size", lambda out_features: sub_block)
+def test_sub_blocks_do_not_change_a_decision(monkeypatch, sub_block, rows_per_update, block_size):
+    # Sub-blocks and the pieces of a rank-1 update are sized for thousands of rows: forced small here,
+    # so that a 16-row matrix exercises the sub-block products and pieces against the paper.
+    monkeypatch.setattr(quantlab.gptq, "_SUB_BLOCK", sub_block)
+    monkeypatch.setattr(quantlab.gptq, "_rows_per_update", lambda out_features: rows_per_update)
     W = torch.randn(16, 48, generator=torch.Generator().manual_seed(1))
     H = hessian(correlated_inputs(200, 48, seed=2))
     for scheme in (Scheme(4, 16), Scheme(3, 8, symmetric=False), Scheme(4)):
@@ -94,13 +95,12 @@ def test_sub_blocks_do_not_change_a_decision(monkeypatch, sub_block, block_size)
         assert torch.equal(result.qtensor.codes.long(), paper_gptq_codes(W, H, scheme))
 
 
-def test_sub_blocks_keep_the_column_loop_under_torchs_parallel_grain():
-    # Below the grain torch runs an elementwise operation on the calling thread: the rank-1 updates
-    # inside a sub-block touch at most (sub_block - 1) x out floats.
-    for out_features in (1, 7, 576, 4096, 4097, 11008, 40000):
-        sub_block = quantlab.gptq._sub_block_size(out_features)
-        assert sub_block >= 1
-        assert sub_block == 1 or (sub_block - 1) * out_features <= quantlab.gptq._GRAIN_SIZE
+def test_rank_one_updates_stay_under_torchs_parallel_grain():
+    # Below the grain torch runs an elementwise operation on the calling thread.
+    for out_features in (1, 7, 576, 4096, 4097, 11008, 32768, 40000):
+        rows = quantlab.gptq._rows_per_update(out_features)
+        assert rows >= 1
+        assert rows == 1 or rows * out_features <= quantlab.gptq._GRAIN_SIZE
 
 
 @pytest.mark.parametrize("act_order", [False, True])
