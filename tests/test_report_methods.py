@@ -284,3 +284,19 @@ def test_the_interpretation_carries_the_awq_and_scale_search_sentences():
                "results": {**awq_results()["results"], **search_results()["results"]}}
     text = " ".join(interpretation(results))
     assert "AWQ, int4-awq-gptq:" in text and "Scale search, int4-mse:" in text
+
+
+def test_layers_are_drawn_in_call_order_not_in_results_json_sorted_order():
+    llama = ["model.layers.0.mlp.down_proj", "model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj",
+             "model.layers.0.self_attn.k_proj", "model.layers.0.self_attn.o_proj", "model.layers.0.self_attn.q_proj",
+             "model.layers.0.self_attn.v_proj", "model.layers.10.self_attn.q_proj", "model.layers.2.self_attn.q_proj"]
+    assert sorted(llama, key=awq_plot.model_order_key) == [
+        "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj", "model.layers.0.self_attn.v_proj",
+        "model.layers.0.self_attn.o_proj", "model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj",
+        "model.layers.0.mlp.down_proj", "model.layers.2.self_attn.q_proj", "model.layers.10.self_attn.q_proj"]
+    # GPT-2 naming: c_proj is the attention's output in attn and the MLP's second Linear in mlp.
+    assert sorted(sorted(NAMES), key=awq_plot.model_order_key) == NAMES
+    results = awq_results()
+    results["results"]["int4-awq"]["layers"] = dict(sorted(results["results"]["int4-awq"]["layers"].items()))
+    assert list(awq_plot.awq_layers(results)["int4-awq"]) == NAMES
+    assert list(search_plot.searched_layers(search_results())["int4-mse"]) == NAMES

@@ -25,6 +25,31 @@ TWIN_KEYS = ("bits", "granularity", "group_size", "symmetric", "grid", "scale_se
              "damp", "block_size")
 
 
+# Linear names in the order a decoder block calls them, attention then MLP, for ordering results.json's
+# layers, whose keys are written sorted: alphabetically, down_proj would come before q_proj. (GPT-2 names
+# both the attention output and the MLP's second Linear c_proj: hence one order per section.)
+ATTENTION_ORDER = ("q_proj", "k_proj", "v_proj", "query", "key", "value", "c_attn", "qkv_proj", "query_key_value",
+                   "Wqkv", "o_proj", "out_proj", "dense", "c_proj")
+MLP_ORDER = ("gate_proj", "w1", "up_proj", "w3", "c_fc", "fc1", "dense_h_to_4h", "down_proj", "w2", "fc2", "c_proj",
+             "dense_4h_to_h")
+
+
+def model_order_key(name: str):
+    """Sort key placing a block's Linears in call order: by block number, attention before the MLP, then by
+    ``ATTENTION_ORDER`` or ``MLP_ORDER`` (names they do not know last, alphabetically); 'blocks.10' after
+    'blocks.2'."""
+    parts = name.split(".")
+    digits = [i for i, p in enumerate(parts) if p.isdigit()]
+    if not digits:
+        return (natural_key(name), 0, 0, name)
+    block = ".".join(parts[:digits[-1] + 1])
+    rest = [p.lower() for p in parts[digits[-1] + 1:]]
+    section = 1 if any(k in p for p in rest for k in ("mlp", "ffn", "feed_forward", "experts")) else 0
+    order = MLP_ORDER if section else ATTENTION_ORDER
+    rank = order.index(parts[-1]) if parts[-1] in order else len(order)
+    return (natural_key(block), section, rank, name)
+
+
 def awq_layers(results) -> dict:
     """{scheme: {layer: stats}} for the schemes whose layers record ``awq_alpha`` (only AWQ schemes do), in
     scheme order, each scheme's layers in model order."""
@@ -34,7 +59,7 @@ def awq_layers(results) -> dict:
         layers = (rs.get(name) or {}).get("layers") or {}
         chosen = {layer: v for layer, v in layers.items() if isinstance(v, dict) and is_number(v.get("awq_alpha"))}
         if chosen:
-            out[name] = dict(sorted(chosen.items(), key=lambda item: natural_key(item[0])))
+            out[name] = dict(sorted(chosen.items(), key=lambda item: model_order_key(item[0])))
     return out
 
 
@@ -122,19 +147,22 @@ def plot_awq(results, path, figure, save):
             twin_layers = (rs.get(twin) or {}).get("layers") or {}
             series.insert(1, ([(twin_layers.get(n) or {}).get("rel_loss") for n in names], "tab:orange", "^", "--",
                               f"{twin}: GPTQ without AWQ (its own run)"))
+        # Beyond a few dozen layers, lines between neighbours only zigzag: markers alone read better.
+        dense = len(names) > 48
         for values, colour, marker, style, name in series:
             points = [(i, v) for i, v in zip(x, values) if is_number(v) and v > 0]
             if not points:
                 continue
-            bottom.plot([p[0] for p in points], [p[1] for p in points], linestyle=style, marker=marker, color=colour,
-                        lw=1, ms=4, zorder=3)
+            bottom.plot([p[0] for p in points], [p[1] for p in points], linestyle="" if dense else style, marker=marker,
+                        color=colour, lw=1, ms=3 if dense else 4, zorder=3, alpha=0.85 if dense else 1.0)
             handles.append(Line2D([], [], linestyle=style, marker=marker, color=colour, lw=1, ms=4, label=name))
         bottom.set_yscale("log")
         bottom.set_ylabel("relative output error\ntr(D H Dᵀ) / tr(W H Wᵀ)")
         bottom.set_xlim(-0.6, len(names) - 0.4)
         bottom.grid(True, which="major", axis="y", alpha=0.3)
-        if handles:
-            bottom.legend(handles=handles, fontsize=7, loc="best")
+        if handles:   # above the panel, between it and the alphas: never over the points
+            bottom.legend(handles=handles, fontsize=7, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=len(handles),
+                          frameon=False, borderaxespad=0.1)
         step = max(1, len(names) // 60)   # at most ~60 tick labels: beyond that, every step-th layer
         bottom.set_xticks(x[::step])
         bottom.set_xticklabels([short_layer(n) for n in names[::step]], rotation=90, fontsize=7)

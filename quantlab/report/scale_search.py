@@ -12,7 +12,7 @@ factors over every group of every layer. Split from ``quantlab.report.plots``, w
 from __future__ import annotations
 
 from quantlab.analysis import is_number, scheme_order, scheme_results
-from quantlab.report.heatmap import natural_key
+from quantlab.report.awq import model_order_key
 from quantlab.report.mixed_precision import short_layer
 
 CAPTION = ("Scale search (scale_search: mse): per layer, the error with the search over the error of the same scheme "
@@ -38,7 +38,7 @@ def searched_layers(results) -> dict:
         chosen = {layer: v for layer, v in layers.items()
                   if isinstance(v, dict) and isinstance(v.get("shrink_counts"), dict)}
         if chosen:
-            out[name] = dict(sorted(chosen.items(), key=lambda item: natural_key(item[0])))
+            out[name] = dict(sorted(chosen.items(), key=lambda item: model_order_key(item[0])))
     return out
 
 
@@ -79,7 +79,7 @@ def plot_scale_search(results, path, figure, save):
     schemes = searched_layers(results)
     if not schemes:
         return None
-    names = sorted({n for layers in schemes.values() for n in layers}, key=natural_key)
+    names = sorted({n for layers in schemes.values() for n in layers}, key=model_order_key)
     index = {n: i for i, n in enumerate(names)}
     width = min(18.0, max(10.0, 0.16 * len(names) + 6.5))
     fig = figure(width, 6.4)
