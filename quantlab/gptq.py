@@ -192,24 +192,24 @@ def condition_number(H: torch.Tensor, *, steps: int = 32) -> Optional[float]:
     H = H.detach().to(torch.float64)
     if H.numel() == 0 or float(H.diagonal().max()) <= 0:
         return None                                   # PSD with a zero diagonal: H = 0
-    largest = _largest_ritz_value(lambda v: H @ v, H.shape[0], steps)
+    largest = _largest_ritz_value(lambda v: H @ v, H.shape[0], steps, H.device)
     L, info = torch.linalg.cholesky_ex(H)
     if int(info) != 0:
         return 1 / torch.finfo(torch.float64).eps
     # H^-1 = L^-T L^-1. The explicit triangular inverse costs about one more Cholesky and makes each step
     # two matrix-vector products, where solving with L one vector at a time is many times slower.
     L_inverse = torch.linalg.solve_triangular(L, torch.eye(H.shape[0], dtype=H.dtype, device=H.device), upper=False)
-    smallest = 1 / _largest_ritz_value(lambda v: L_inverse.t() @ (L_inverse @ v), H.shape[0], steps)
+    smallest = 1 / _largest_ritz_value(lambda v: L_inverse.t() @ (L_inverse @ v), H.shape[0], steps, H.device)
     return largest / max(smallest, largest * torch.finfo(torch.float64).eps)
 
 
-def _largest_ritz_value(apply, n: int, steps: int, tolerance: float = 1e-6) -> float:
+def _largest_ritz_value(apply, n: int, steps: int, device, tolerance: float = 1e-6) -> float:
     """The largest eigenvalue of T = V A V^T after at most ``steps`` Lanczos steps (fully
     reorthogonalised) on the symmetric positive semi-definite operator ``apply`` (v -> A v), from a seeded
     random start: at most A's largest eigenvalue, and converging to it. Stops early once the value moves
     by less than ``tolerance`` (relative) over _RITZ_CHECK steps."""
-    V = torch.empty(min(steps, n), n, dtype=torch.float64)      # the orthonormal Lanczos vectors, as rows
-    v = torch.randn(n, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    V = torch.empty(min(steps, n), n, dtype=torch.float64, device=device)   # orthonormal Lanczos vectors, as rows
+    v = torch.randn(n, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(device)
     v = v / torch.linalg.vector_norm(v)
     alphas, betas, value = [], [], None
     for k in range(V.shape[0]):
@@ -448,7 +448,7 @@ def _solve(W: torch.Tensor, R: torch.Tensor, order: Optional[torch.Tensor], sche
             for k in range(s1, s2):
                 grids.for_loop[groups[i1 + k]].round(current_rows[k], level_rows[k], rounded)
                 torch.sub(weight_rows[k], rounded, out=error_rows[k])
-                # (*) within the sub-block: column j's error reaches the sub-block's later columns now.
+                # (*) within the sub-block: this column's error reaches the sub-block's later columns now.
                 for r1 in range(k + 1, s2, rows_per_update):
                     r2 = min(r1 + rows_per_update, s2)
                     current[r1:r2].addr_(feedback_scaled[k, r1:r2], error_rows[k])
