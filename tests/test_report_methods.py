@@ -231,6 +231,12 @@ def test_scale_search_plot_without_a_twin_says_what_to_add():
     ratio_ax = fig.axes[0]
     assert ratio_ax.get_legend() is None
     assert any("add the same scheme without it" in t.get_text() for t in ratio_ax.texts)
+    # A twin that recorded no per-layer error (results from before weight_rel_error) is named, not drawn.
+    results = search_results()
+    for scheme in ("int4", "int4-gptq"):
+        results["results"][scheme]["layers"] = {n: {"rel_loss": None} for n in NAMES}
+    texts = [t.get_text() for t in drawn(search_plot.plot_scale_search, results).axes[0].texts]
+    assert texts == ["int4-gptq, int4: no per-layer error recorded to compare with"]
 
 
 # ---------------------------------------------------------------------------------------------

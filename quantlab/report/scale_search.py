@@ -86,12 +86,13 @@ def plot_scale_search(results, path, figure, save):
     axes = fig.subplot_mosaic([["ratio", "hist"], ["shrink", "hist"]], width_ratios=[2.6, 1], height_ratios=[1.4, 1])
     ratio_ax, shrink_ax, hist_ax = axes["ratio"], axes["shrink"], axes["hist"]
     shrink_ax.sharex(ratio_ax)
-    compared = []
+    compared, twins = [], []
     metric_labels = {"rel_loss": "output error", "weight_rel_error": "weight error"}
     for k, (scheme, layers) in enumerate(schemes.items()):
         colour = COLOURS[k % len(COLOURS)]
         twin = absmax_twin(results, scheme)
         if twin is not None:
+            twins.append(twin)
             metric, ratios = error_ratios(results, scheme, twin, list(layers))
             points = [(index[n], r) for n, r in zip(layers, ratios) if is_number(r)]
             if points:
@@ -109,9 +110,10 @@ def plot_scale_search(results, path, figure, save):
     if compared:
         ratio_ax.legend(fontsize=7, loc="best")
     else:
-        ratio_ax.text(0.5, 0.5, "no scheme here differs from a scale-searched one only in scale_search:\n"
-                                "add the same scheme without it to compare errors", transform=ratio_ax.transAxes,
-                      ha="center", va="center", fontsize=8, color="0.35")
+        why = (f"{', '.join(twins)}: no per-layer error recorded to compare with" if twins else
+               "no scheme here differs from a scale-searched one only in scale_search:\n"
+               "add the same scheme without it to compare errors")
+        ratio_ax.text(0.5, 0.5, why, transform=ratio_ax.transAxes, ha="center", va="center", fontsize=8, color="0.35")
     ratio_ax.tick_params(labelbottom=False)
     shrink_ax.set_ylabel("mean shrink factor\n(1 = absmax)")
     shrink_ax.set_xlim(-0.6, len(names) - 0.4)
