@@ -48,13 +48,15 @@ def float_element_bytes(model, keep, scheme) -> dict:
     return sizes
 
 
-def kept_module_values(model, quantized_linears, keep) -> dict:
+def kept_module_values(model, quantized_linears, keep, select=None) -> dict:
     """The float parameters stored in float16 (see float_element_bytes), by parameter name, as float16
-    tensors: what the deployed model holds, so that it is the one evaluated. The model is not changed."""
+    tensors: what the deployed model holds, so that it is the one evaluated. The model is not changed.
+    ``select`` (parameter name -> bool): only those parameters (an offloaded model's resident ones)."""
     sizes = float_element_bytes(model, keep, None)
     quantized = {id(model.module.get_submodule(n).weight) for n in quantized_linears}
     return {name: p.detach().to(torch.float16) for name, p in model.module.named_parameters()
-            if id(p) not in quantized and sizes.get(id(p)) == 2 and p.dtype != torch.float16}
+            if (select is None or select(name))
+            and id(p) not in quantized and sizes.get(id(p)) == 2 and p.dtype != torch.float16}
 
 
 def deployable_bytes(model, qtensors: dict, scheme, keep, linear_nbytes: Optional[dict] = None,

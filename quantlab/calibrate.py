@@ -431,14 +431,13 @@ def _check_offloadable(model: LanguageModel, scheme) -> None:
 def _block_kept_values(model: LanguageModel, block_index: int, quantized_linears: set, keep) -> dict:
     """kept_module_values of block ``block_index`` alone (an offloaded model's, while it is resident)."""
     prefix = model.block_prefix(block_index) + "."
-    return {name: value for name, value in kept_module_values(model, quantized_linears, keep).items()
-            if name.startswith(prefix)}
+    # Selected before converting: the other blocks hold placeholders, which a conversion would materialise.
+    return kept_module_values(model, quantized_linears, keep, select=lambda name: name.startswith(prefix))
 
 
 def _kept_values_outside_blocks(model: LanguageModel, quantized_linears: set, keep) -> dict:
     prefixes = tuple(model.block_prefix(b) + "." for b in range(len(model.blocks)))
-    return {name: value for name, value in kept_module_values(model, quantized_linears, keep).items()
-            if not name.startswith(prefixes)}
+    return kept_module_values(model, quantized_linears, keep, select=lambda name: not name.startswith(prefixes))
 
 
 def copy_model(model: LanguageModel) -> LanguageModel:

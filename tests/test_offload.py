@@ -1,4 +1,4 @@
-"""Offloaded models (quantlab.offload): blocks read from safetensors one at a time give the results of the model held whole."""
+"""Offloaded models (quantlab.offload): blocks read from safetensors one at a time, the results of the whole model."""
 import pytest
 import torch
 
@@ -144,6 +144,7 @@ def test_a_spec_run_with_offload_gives_the_results_of_one_without(llama_dir, tin
 
     whole = quantlab.run(spec_dict(llama_dir, tiny_corpus, False), use_cache=False)
     offloaded = quantlab.run(spec_dict(llama_dir, tiny_corpus, True), cache_dir=tmp_path)
+    assert (tmp_path / "offload").is_dir()   # the offloaded run kept its codes in files there
     for name, result in whole.results.items():
         for key in ("ppl", "kld_mean", "bytes_total", "mean_rel_loss"):
             assert getattr(offloaded.results[name], key) == pytest.approx(getattr(result, key), rel=1e-6), (name, key)
@@ -160,3 +161,23 @@ def test_the_spec_key_offload_is_validated(llama_dir, tiny_corpus, tmp_path):
         parse_spec(spec_dict(tmp_path, tiny_corpus, True))
     with pytest.raises(SpecError, match="hf:PATH"):
         parse_spec({**spec_dict(llama_dir, tiny_corpus, True), "model": "minigpt-shakespeare"})
+
+
+def test_quantizing_never_materialises_a_placeholder(llama_dir, tokens, tmp_path):
+    """A placeholder converted (to float16, say) becomes a full tensor: for the blocks not resident that
+    is the whole model in memory again (kept values were once taken over every block's parameters)."""
+    from torch.overrides import TorchFunctionMode
+
+    class Watch(TorchFunctionMode):
+        converted = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func is torch.Tensor.to and is_placeholder(args[0]):
+                Watch.converted += 1
+            return func(*args, **(kwargs or {}))
+
+    model = load_hf(llama_dir, offload=True, scratch=tmp_path)
+    with Watch():
+        quantized = quantize_model(model, SCHEME, tokens[:4], method="gptq", batch_size=2)
+    assert Watch.converted == 0
+    assert quantized.replaced and all(not is_placeholder(v) for v in quantized.replaced.values())
