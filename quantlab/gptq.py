@@ -199,7 +199,7 @@ def condition_number(H: torch.Tensor, *, steps: int = 32) -> Optional[float]:
     # H^-1 = L^-T L^-1. The explicit triangular inverse costs about one more Cholesky and makes each step
     # two matrix-vector products, where solving with L one vector at a time is many times slower.
     L_inverse = torch.linalg.solve_triangular(L, torch.eye(H.shape[0], dtype=H.dtype, device=H.device), upper=False)
-    smallest = 1 / _largest_ritz_value(lambda v: L_inverse.t() @ (L_inverse @ v), H.shape[0], steps, H.device)
+    smallest = 1 / _largest_ritz_value(lambda v: (L_inverse @ v) @ L_inverse, H.shape[0], steps, H.device)
     return largest / max(smallest, largest * torch.finfo(torch.float64).eps)
 
 
@@ -217,7 +217,7 @@ def _largest_ritz_value(apply, n: int, steps: int, device, tolerance: float = 1e
         w = apply(v)
         alphas.append(float(v @ w))
         for _ in range(2):                                      # twice is enough (Kahan and Parlett)
-            w = w - V[:k + 1].t() @ (V[:k + 1] @ w)
+            w = w - (V[:k + 1] @ w) @ V[:k + 1]                 # not V.t() @ (...): many times slower
         beta = float(torch.linalg.vector_norm(w))
         exhausted = beta <= 1e-12 * max(abs(a) for a in alphas)   # the Krylov space holds an eigenvector
         if exhausted or k + 1 == V.shape[0] or (k + 1) % _RITZ_CHECK == 0:
