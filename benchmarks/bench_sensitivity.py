@@ -2,8 +2,10 @@
 
     python benchmarks/bench_sensitivity.py                  # MiniGPT, candidates int3-g64 int4-g64 int8-per-channel
     python benchmarks/bench_sensitivity.py --smollm2 --layers 21   # SmolLM2-135M, every 10th Linear (slow)
+    python benchmarks/bench_sensitivity.py --method gptq   # GPTQ's error (act-order, static groups) instead of RTN's
 
-For every block Linear and candidate scheme: quantize only that layer with RTN, and measure the KL
+For every block Linear and candidate scheme: quantize only that layer (with RTN, or with ``--method gptq``
+GPTQ against the float model's calibration H, as a mixed scheme under GPTQ measures it), and measure the KL
 divergence of the model's next-token distribution from the float model's on Shakespeare's test split
 (``--eval-windows`` windows). The proxies of quantlab.mixed.layer_sensitivity (output_error and
 kl_estimate, measured on ``--calibration`` training windows) are then ranked against it: Spearman's
@@ -17,9 +19,11 @@ import time
 
 import torch
 
-from quantlab.mixed import PROXIES, layer_sensitivity, spearman
+from quantlab.gptq import gptq_quantize
+from quantlab.mixed import PROXIES, layer_sensitivity, sensitivity_statistics, spearman
 from quantlab.quant import PRESETS, Scheme, quantize_rtn
 
+SOLVER = dict(damp=0.01, block_size=128, act_order=True, static_groups=True)   # the SmolLM2 catalogue's GPTQ
 CANDIDATES = {"int3-g64": Scheme(3, group_size=64), "int4-g64": PRESETS["int4-g64"],
               "int8-per-channel": PRESETS["int8-per-channel"]}
 
@@ -31,11 +35,16 @@ def log_probs(model, windows, batch_size=8):
 
 
 @torch.no_grad()
-def single_layer_kl(model, name, scheme, windows, reference) -> float:
+def single_layer_kl(model, name, scheme, windows, reference, H=None) -> float:
+    """The KL increase when only ``name`` is quantized: RTN, or GPTQ against ``H`` (SOLVER) when given."""
     weight = model.module.get_submodule(name).weight
     original = weight.detach().clone()
     try:
-        weight.copy_(quantize_rtn(original, scheme).dequantize().to(weight.dtype))
+        if H is None:
+            quantized = quantize_rtn(original, scheme).dequantize()
+        else:
+            quantized = gptq_quantize(original.float(), H, scheme, **SOLVER).qtensor.dequantize()
+        weight.copy_(quantized.to(weight.dtype))
         lp = log_probs(model, windows)
     finally:
         weight.copy_(original)
@@ -48,6 +57,7 @@ def main() -> None:
     parser.add_argument("--calibration", type=int, default=32, help="calibration windows")
     parser.add_argument("--eval-windows", type=int, default=64)
     parser.add_argument("--layers", type=int, default=0, help="measure only this many Linears, evenly spaced (0: all)")
+    parser.add_argument("--method", choices=["rtn", "gptq"], default="rtn", help="the error measured and applied")
     args = parser.parse_args()
     torch.manual_seed(0)
 
@@ -61,17 +71,20 @@ def main() -> None:
     windows = test[: args.eval_windows * seq_len].reshape(args.eval_windows, seq_len)
 
     started = time.perf_counter()
-    proxies = layer_sensitivity(model, calibration, CANDIDATES)
+    solver = SOLVER if args.method == "gptq" else None
+    proxies = layer_sensitivity(model, calibration, CANDIDATES, solver=solver)
     proxy_seconds = time.perf_counter() - started
     names = list(proxies)
     if args.layers:
         names = names[:: max(1, len(names) // args.layers)]
     reference = log_probs(model, windows)
     started = time.perf_counter()
-    true = {(n, c): single_layer_kl(model, n, s, windows, reference) for n in names for c, s in CANDIDATES.items()}
+    hessians = {n: H for n, (H, _) in sensitivity_statistics(model, calibration).items()} if solver else {}
+    true = {(n, c): single_layer_kl(model, n, s, windows, reference, hessians.get(n))
+            for n in names for c, s in CANDIDATES.items()}
     true_seconds = time.perf_counter() - started
 
-    print(f"{model_name}: {len(names)} Linears x {len(CANDIDATES)} candidates; proxies from {args.calibration} x "
+    print(f"{model_name}, {args.method} error: {len(names)} Linears x {len(CANDIDATES)} candidates; proxies from {args.calibration} x "
           f"{seq_len} calibration tokens in {proxy_seconds:.1f} s (one forward+backward); true single-layer KL on "
           f"{args.eval_windows} x {seq_len} test tokens in {true_seconds:.1f} s "
           f"({true_seconds / max(proxy_seconds, 1e-9):.0f}x the proxies)")

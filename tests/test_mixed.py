@@ -189,6 +189,42 @@ def test_with_a_solver_sensitivity_is_of_gptqs_error(minigpt):
         assert measured["output_error"] < rtn[name]["int3-g16"]["output_error"]
 
 
+def test_gptq_sensitivity_ranks_layers_like_the_true_kl_increase_under_gptq():
+    """On the trained MiniGPT, when each layer is quantized alone with act-order GPTQ, the GPTQ-measured
+    K-FAC estimate ranks the layers (within a candidate: what the knapsack trades) as the measured KL
+    increase does, and better than the RTN-measured estimate (measured: 0.98 against 0.93 at int3-g64)."""
+    from quantlab.data import load_text
+    from quantlab.gptq import gptq_quantize
+    from quantlab.mixed import layer_sensitivity, sensitivity_statistics, spearman
+    from quantlab.models.registry import load_model
+    from quantlab.quant import Scheme
+
+    model = load_model("minigpt-shakespeare")
+    scheme = Scheme(3, group_size=64)
+    solver = dict(damp=0.01, block_size=128, act_order=True, static_groups=True)
+    calibration = model.encode(load_text("shakespeare", "train"))[: 8 * 256].reshape(8, 256)
+    windows = model.encode(load_text("shakespeare", "test"))[: 8 * 256].reshape(8, 256)
+    with torch.no_grad():
+        reference = torch.log_softmax(model.logits(windows), dim=-1)
+    gptq = layer_sensitivity(model, calibration, {"c": scheme}, solver=solver)
+    rtn = layer_sensitivity(model, calibration, {"c": scheme})
+    statistics = sensitivity_statistics(model, calibration)
+    names = model.all_linear_names()
+    true = []
+    for name in names:
+        weight = model.module.get_submodule(name).weight
+        original = weight.detach().clone()
+        with torch.no_grad():
+            weight.copy_(gptq_quantize(original, statistics[name][0], scheme, **solver).qtensor.dequantize())
+            lp = torch.log_softmax(model.logits(windows), dim=-1)
+            weight.copy_(original)
+        true.append(float((reference.exp() * (reference - lp)).sum(-1).mean()))
+    by_gptq = spearman(true, [gptq[n]["c"]["kl_estimate"] for n in names])
+    by_rtn = spearman(true, [rtn[n]["c"]["kl_estimate"] for n in names])
+    assert by_gptq > 0.95 and by_gptq > by_rtn
+    assert 0.3 < sum(gptq[n]["c"]["kl_estimate"] for n in names) / sum(true) < 3
+
+
 # ----------------------------------------------------------------------------------------------
 # In the pipeline
 
