@@ -135,8 +135,8 @@ STEPS = {
     "all_finite": "setup: checks, copies, reordering",
 }
 SOLVE_CALLS = {   # torch calls made by _solve itself, by a part of the profiler's name for them
-    "'addmm_'": "products: lazy batch updates and sub-block updates",
-    "'addr_'": "column loop: rank-1 updates inside a sub-block",
+    "'addmm_'": "products: lazy batch updates",
+    "'addr_'": "column loop: rank-1 updates inside a block (in pieces)",
     "method sub ": "column loop: errors w - q",
     "solve_triangular": "dynamic groups: loss-optimal weights w_S + G_S R_SS^-1",
 }

@@ -19,12 +19,11 @@ Cholesky; the inverse alone costs several times an n^3 matmul (benchmarks/bench_
 are the paper's, term for term. The same identity gives the loss for free:
 tr(D H D^T) = ||D R||^2 = sum_j ||(w_j - q_j) R[j, j] + G_j||^2.
 
-Lazy batch updates (the paper's Step 2), on two levels: (*) reaches all columns after a block of
-``block_size`` columns once per block, as one matrix product; inside the block it reaches the columns
-after a sub-block of a few columns once per sub-block, again as one product, and only inside a
-sub-block is it applied one column at a time. Sub-blocks keep every elementwise operation of the column
-loop small enough that torch runs it on the calling thread (see _solve), so the solver never changes
-torch's process-wide thread count and its products use every thread the caller gave torch. The
+Lazy batch updates (the paper's Step 2): (*) is applied within a block of ``block_size`` columns one
+column at a time, and to all columns after the block once per block, as one matrix product. The
+in-block updates run in pieces small enough that torch keeps each on the calling thread (see _solve),
+so the solver never changes torch's process-wide thread count and its products use every thread the
+caller gave torch. The
 rel_loss denominator tr(W H W^T) = ||W R||^2 is one more triangular product. benchmarks/bench_gptq.py
 times a 4096 x 4096 solve against one 4096^3 matmul in the same process, and the paper's formulation
 beside it.
@@ -378,13 +377,6 @@ def _block_bounds(n: int, block_size: int, group_starts: range) -> list:
     return list(zip(starts, starts[1:] + [n]))
 
 
-# Columns per sub-block. Each sub-block costs one matrix product (which may wake torch's other threads)
-# and each of its columns a rank-1 update of the sub-block's later columns, done in pieces of
-# _rows_per_update rows so that each stays under the grain: 32 keeps both counts small
-# (benchmarks/bench_gptq.py --profile).
-_SUB_BLOCK = 32
-
-
 def _rows_per_update(out_features: int) -> int:
     """Rows of a rank-1 update per operation: the most that keep it under _GRAIN_SIZE elements."""
     return max(1, _GRAIN_SIZE // out_features)
@@ -398,12 +390,13 @@ def _solve(W: torch.Tensor, R: torch.Tensor, order: Optional[torch.Tensor], sche
     Works transposed, one row per input column, so each column is contiguous. The buffers below are
     this function's own and are updated in place: a copy per column would cost more than the solve.
 
-    Two levels of lazy updates: (*) reaches the columns after a block in one product per block, and the
-    block's columns after a sub-block in one product per sub-block; one column at a time, only the
-    sub-block's own later columns are updated. Every elementwise operation of the column loop touches
-    at most _GRAIN_SIZE floats (the rank-1 updates in pieces of rows), so torch runs it on the calling
+    Every elementwise operation of the column loop touches at most _GRAIN_SIZE floats (each column's
+    rank-1 update of the block's later columns runs in pieces of rows), so torch runs it on the calling
     thread without waking its other threads, and the loop needs no change of the process-wide thread
-    count; the products use every thread torch has.
+    count; the lazy batch update's product uses every thread torch has. The pieces do the same
+    arithmetic, element for element, as one update of the whole block, so the codes are those of the
+    one-update loop. (Sub-blocks with one product each would move work into BLAS, but reorder float32
+    sums: a few codes flip, enough to move a MiniGPT golden perplexity past its tolerance.)
     """
     n, out = W.shape[1], W.shape[0]
     W_t = (W.t() if order is None else W.t()[order]).contiguous()   # (n, out): columns in solving order
@@ -411,7 +404,7 @@ def _solve(W: torch.Tensor, R: torch.Tensor, order: Optional[torch.Tensor], sche
     codes_t = torch.empty(W_t.shape, dtype=torch.int8 if scheme.qmin < 0 or scheme.qmax < 128 else torch.int16,
                           device=W.device)
     r_diag = R.diagonal()
-    sub_block, rows_per_update = _SUB_BLOCK, _rows_per_update(out)
+    rows_per_update = _rows_per_update(out)
 
     grids = _GroupGrids(scheme)
     dynamic_groups = scheme.granularity == "group" and not static_groups
@@ -447,18 +440,13 @@ def _solve(W: torch.Tensor, R: torch.Tensor, order: Optional[torch.Tensor], sche
         # Row views made once per block: indexing a tensor costs about as much as a small operation.
         current_rows, level_rows, error_rows = current.unbind(), levels.unbind(), errors.unbind()
         weight_rows = W_t[i1:i2].unbind()
-        for s1 in range(0, i2 - i1, sub_block):
-            s2 = min(s1 + sub_block, i2 - i1)
-            for k in range(s1, s2):
-                grids.for_loop[groups[i1 + k]].round(current_rows[k], level_rows[k], rounded)
-                torch.sub(weight_rows[k], rounded, out=error_rows[k])
-                # (*) within the sub-block: this column's error reaches the sub-block's later columns now.
-                for r1 in range(k + 1, s2, rows_per_update):
-                    r2 = min(r1 + rows_per_update, s2)
-                    current[r1:r2].addr_(feedback_scaled[k, r1:r2], error_rows[k])
-            # (*) for the rest of the block, in one product per sub-block.
-            if s2 < i2 - i1:
-                current[s2:].addmm_(feedback_scaled[s1:s2, s2:].t(), errors[s1:s2])
+        for k in range(i2 - i1):
+            grids.for_loop[groups[i1 + k]].round(current_rows[k], level_rows[k], rounded)
+            torch.sub(weight_rows[k], rounded, out=error_rows[k])
+            # (*) within the block: this column's error reaches the block's later columns now.
+            for r1 in range(k + 1, i2 - i1, rows_per_update):
+                r2 = min(r1 + rows_per_update, i2 - i1)
+                current[r1:r2].addr_(feedback_scaled[k, r1:r2], error_rows[k])
         codes_t[i1:i2].copy_(levels)
         # This block's rows of E = D R: (w'_j - q_j) R[j, j], since w'_j - q_j = (w_j - q_j) + G_j / R[j, j].
         loss_damped += torch.linalg.vector_norm(

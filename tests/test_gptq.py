@@ -81,12 +81,11 @@ def test_codes_match_the_papers_algorithm_one_column_at_a_time(scheme):
     assert torch.equal(result.qtensor.codes.long(), paper_gptq_codes(W, H, scheme))
 
 
-@pytest.mark.parametrize("sub_block, rows_per_update", [(1, 1), (3, 1), (7, 2), (7, 100)])
+@pytest.mark.parametrize("rows_per_update", [1, 2, 7, 100])
 @pytest.mark.parametrize("block_size", [5, 16])
-def test_sub_blocks_do_not_change_a_decision(monkeypatch, sub_block, rows_per_update, block_size):
-    # Sub-blocks and the pieces of a rank-1 update are sized for thousands of rows: forced small here,
-    # so that a 16-row matrix exercises the sub-block products and pieces against the paper.
-    monkeypatch.setattr(quantlab.gptq, "_SUB_BLOCK", sub_block)
+def test_rank_one_updates_in_pieces_do_not_change_a_decision(monkeypatch, rows_per_update, block_size):
+    # The pieces of a rank-1 update are sized for thousands of rows: forced small here, so that a
+    # 16-row matrix exercises them against the paper.
     monkeypatch.setattr(quantlab.gptq, "_rows_per_update", lambda out_features: rows_per_update)
     W = torch.randn(16, 48, generator=torch.Generator().manual_seed(1))
     H = hessian(correlated_inputs(200, 48, seed=2))
