@@ -250,6 +250,9 @@ def _check_fingerprint(request, spec, results) -> None:
     root = golden_root(spec)
     path = root / "fingerprint.json"
     current = {"fingerprint": results["fingerprint"], "layers": layer_names(results)}
+    rows = [label for label, _ in golden_rows(results)]
+    if len(rows) > 1:   # a sweep spec: which run each row of a metrics file holds (golden_rows)
+        current["rows"] = rows
     current = json.loads(json.dumps(current))
     if regenerating(request.config):
         write_json(path, current)
@@ -297,6 +300,16 @@ def _golden_inputs(request, tmp_path, spec):
     return golden_regression(request, tmp_path, spec), results
 
 
+def golden_rows(results) -> list:
+    """The runs a golden metrics file gates, one row each: the spec's own run ('spec'), then every point of
+    every sweep in order ('calibration.dataset=verbs'), as (label, {scheme: result}). Without a sweep, one row."""
+    rows = [("spec", results["results"])]
+    for sweep in results.get("sweeps") or []:
+        for value, point in zip(sweep["values"], sweep["results"]):
+            rows.append((f"{sweep['key']}={value}", point))
+    return rows
+
+
 def layer_names(results) -> list:
     return sorted({n for r in results["results"].values() for n in (r.get("layers") or {})})
 
@@ -337,11 +350,16 @@ def _golden_metrics_test(spec):
 
         num_regression, results = _golden_inputs(request, tmp_path, spec)
         failures = []
+        rows = [point for _, point in golden_rows(results)]
         for metric in spec.golden.metrics:
             path = golden_root(spec) / f"{metric}.csv"
-            # Only what was measured is recorded: a null would be compared as NaN == NaN, never failing.
-            values = {scheme: metric_value(results, scheme, metric) for scheme in spec.schemes}
-            data = {scheme: [float(v)] for scheme, v in values.items() if v is not None}
+            # One row per run (the spec's, then each sweep point: golden_rows), so a sweep's other points are
+            # gated too. Only what was measured is recorded: a scheme measured nowhere gets no column (a null
+            # would be compared as NaN == NaN, never failing); one missing at some points has NaN there.
+            values = {scheme: [metric_value({"results": point}, scheme, metric) if scheme in point else None
+                               for point in rows] for scheme in spec.schemes}
+            data = {scheme: [_nan(v) for v in column] for scheme, column in values.items()
+                    if any(v is not None for v in column)}
             stale = _stale_columns(request.config, spec, path, data, metric)
             if stale:
                 failures.append((True, stale))
