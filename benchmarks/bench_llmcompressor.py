@@ -79,24 +79,31 @@ def run_quantlab(model, calibration, batch_size: int, options: dict):
     return seconds, work["macs"], quantized
 
 
+def prepared_copy(model, prefix: str):
+    """A copy of the float module that oneshot accepts, and the temporary directory holding its config.
+
+    oneshot re-reads the config from module.config.name_or_path (validate_model) and refuses a model
+    "quantized in another format": transformers marks a GGUF-loaded model's config quant_method "gguf",
+    though its weights are dequantized float32 here, and quantlab's GGUF cache directory has no
+    config.json. So the copy's config drops that mark and points at a temporary copy of itself."""
+    module = copy.deepcopy(model.module)
+    if getattr(module.config, "quantization_config", None) is not None:
+        del module.config.quantization_config
+    if getattr(module, "hf_quantizer", None) is not None:
+        module.hf_quantizer = None
+    config_dir = tempfile.mkdtemp(prefix=prefix)
+    module.config.save_pretrained(config_dir)
+    module.config._name_or_path = config_dir
+    return module, config_dir
+
+
 def run_llmcompressor(model, calibration, batch_size: int, actorder):
     """(wall seconds, Linear MACs, quantized transformers module, pipeline name) of llm-compressor's oneshot."""
     from datasets import Dataset
     from llmcompressor import oneshot
     from llmcompressor.modifiers.gptq import GPTQModifier
 
-    module = copy.deepcopy(model.module)
-    # oneshot re-reads the config from module.config.name_or_path (validate_model) and refuses a model
-    # "quantized in another format": transformers marks a GGUF-loaded model's config quant_method "gguf",
-    # though its weights are dequantized float32 here, and quantlab's GGUF cache directory has no
-    # config.json. So the copy's config drops that mark and points at a temporary copy of itself.
-    if getattr(module.config, "quantization_config", None) is not None:
-        del module.config.quantization_config
-    if getattr(module, "hf_quantizer", None) is not None:
-        module.hf_quantizer = None
-    config_dir = tempfile.mkdtemp(prefix="bench_llmc_")
-    module.config.save_pretrained(config_dir)
-    module.config._name_or_path = config_dir
+    module, config_dir = prepared_copy(model, prefix="bench_llmc_")
     config_groups = {"group_0": {"targets": ["Linear"], "weights": {
         "num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 64}}}
     recipe = GPTQModifier(config_groups=config_groups, ignore=["lm_head"], actorder=actorder,

@@ -20,27 +20,12 @@ up_proj -> down_proj; n_grid 20) then a QuantizationModifier. Prints figures; as
 from __future__ import annotations
 
 import argparse
-import copy
 import shutil
-import tempfile
 import time
 
 import torch
 
-
-def prepared_copy(model):
-    """A copy of the float module that oneshot accepts: transformers marks a GGUF-loaded config
-    quant_method "gguf" (its weights are dequantized float32 here) and oneshot re-reads the config from
-    name_or_path, which for quantlab's GGUF cache has no config.json (as benchmarks/bench_llmcompressor.py)."""
-    module = copy.deepcopy(model.module)
-    if getattr(module.config, "quantization_config", None) is not None:
-        del module.config.quantization_config
-    if getattr(module, "hf_quantizer", None) is not None:
-        module.hf_quantizer = None
-    config_dir = tempfile.mkdtemp(prefix="llmc_awq_")
-    module.config.save_pretrained(config_dir)
-    module.config._name_or_path = config_dir
-    return module, config_dir
+from bench_llmcompressor import prepared_copy  # benchmarks/ is the script's directory
 
 
 def main() -> None:
@@ -86,7 +71,7 @@ def main() -> None:
         from llmcompressor.pipelines.cache import IntermediatesCache
 
         IntermediatesCache.pin_memory = lambda self, *args, **kwargs: None
-    module, config_dir = prepared_copy(model)
+    module, config_dir = prepared_copy(model, prefix="llmc_awq_")
     started = time.perf_counter()
     try:
         # oneshot insists on a processor whenever a dataset is given, even one already tokenized.

@@ -172,10 +172,10 @@ def _node() -> str:
 
 
 @contextmanager
-def _torch_threads(count: int):
+def torch_threads(count: int):
     """Run the enclosed torch work on ``count`` threads, then restore the previous count. The count is
-    process-wide: a Ray task sets it for the worker process it has to itself (quantlab's engine itself
-    never changes it)."""
+    process-wide: a Ray task sets it for the worker process it has to itself, and tests use it through
+    quantlab.testing (quantlab's engine itself never changes it)."""
     import torch
 
     previous = torch.get_num_threads()
@@ -209,7 +209,7 @@ def compute_unit(spec: Spec, scheme: str, key: str, cache_dir: str, probe: str, 
             "source, result libraries (torch, numpy, ...), model files or device differ from the planner's "
             "(device: auto resolves on each machine); install the same quantlab and libraries on every node")
     writes = runner.cache.writes
-    with _torch_threads(threads):
+    with torch_threads(threads):
         runner.scheme_result(spec, scheme)
         computed = runner.cache.writes > writes
         for other in fingerprints:   # so the local process never loads the model for a fully cached run

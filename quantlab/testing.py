@@ -5,9 +5,9 @@ enough to exercise loading, calibration, export and import end to end in seconds
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import torch
+
+from quantlab.distributed import torch_threads  # noqa: F401  (re-exported for tests)
 
 TINY_VOCAB = 300
 SENTENCE = "To be, or not to be, that is the question."
@@ -38,13 +38,3 @@ def tiny_llama(seed: int = 0, *, hidden_size: int = 64, intermediate_size: int =
                                         bos_token_id=0, eos_token_id=1))
 
 
-@contextmanager
-def torch_threads(count: int):
-    """Run the enclosed torch work on ``count`` threads, then restore the previous count. For tests only:
-    the count is process-wide, which a test may change and quantlab's engine never does."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
