@@ -123,7 +123,8 @@ def bench_solver(n: int, repeats: int, with_reference: bool, with_profile: bool 
 
 # The solver's steps, named by the function that does the work (a torch call is named by its caller).
 STEPS = {
-    "_upper_factor": "Cholesky of H (with its flips)",
+    "_upper_factor": "Cholesky of H (blocked: quantlab.gptq.upper_cholesky)",
+    "upper_cholesky": "Cholesky of H (blocked: quantlab.gptq.upper_cholesky)",
     "_triangular_weighted_norm": "rel_loss denominator ||W R||^2",
     "round": "column loop: rounding to the grid",
     "_Grid.__init__": "group scales: grids prepared for the loop",

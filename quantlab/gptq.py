@@ -15,7 +15,8 @@ it is rounded,
 
 R is the upper triangular factor of H itself, R = J chol(J H J) J (J reverses the order), so this needs
 one Cholesky factorisation of H where the paper's code needs a Cholesky, a full inverse and a second
-Cholesky; the inverse alone costs several times an n^3 matmul (benchmarks/bench_gptq.py). The rounding decisions
+Cholesky; the inverse alone costs several times an n^3 matmul (benchmarks/bench_gptq.py). That one
+factorisation runs in blocks whose arithmetic is matmuls (upper_cholesky). The rounding decisions
 are the paper's, term for term. The same identity gives the loss for free:
 tr(D H D^T) = ||D R||^2 = sum_j ||(w_j - q_j) R[j, j] + G_j||^2.
 
@@ -59,6 +60,11 @@ DAMP_RETRIES = 3  # each retry multiplies the dampening by 10
 # grain, 2048 elements, so the loop rounds a column in pieces of that size.
 _GRAIN_SIZE = 32768
 _ROUND_GRAIN = 2048
+_CHOLESKY_BLOCK = 512   # block columns of upper_cholesky; 256 to 768 measure alike at n = 4096
+# Up to this many columns upper_cholesky is one LAPACK call: it costs milliseconds there, and its factor
+# is bit for bit the one the golden files were recorded with (the blocked factor differs in the last
+# float32 bit, which flips a few GPTQ codes: MiniGPT's perplexities move by up to 0.4%).
+_CHOLESKY_ONE_CALL = 1024
 
 
 @dataclass
@@ -285,17 +291,45 @@ def _upper_factor(H: torch.Tensor, damp: float, health: list):
     cannot be factorised at all."""
     mean_diag = float(H.diagonal().mean())
     for attempt in range(DAMP_RETRIES + 1):
-        # The Cholesky factor of the reversed matrix J H J, reversed back, is the upper factor of H.
-        damped = H.flip(0, 1)                                     # a fresh copy, this loop's own
-        damped.diagonal().add_(damp * mean_diag)
-        L, info = torch.linalg.cholesky_ex(damped)
-        if int(info) == 0:
-            return L.flip(0, 1), damp
+        R, info = upper_cholesky(H, damp * mean_diag)
+        if info == 0:
+            return R, damp
         if attempt < DAMP_RETRIES:
             health.append({"event": "damp_raised", "detail": f"Cholesky of H + {damp:g} * mean(diag H) * I "
                                                              f"failed; retrying with damp {damp * 10:g}"})
             damp *= 10
     return None, damp
+
+
+def upper_cholesky(H: torch.Tensor, shift: float = 0.0, block: Optional[int] = None):
+    """(R, info): R upper triangular with R R^T = H + shift * I, and info 0 on success, otherwise the
+    1-based column at which the factorisation, which runs from the last column back, found H + shift * I
+    not positive definite. H is not modified.
+
+    R is the Cholesky factor of the reversed matrix, reversed back, R = J chol(J H J) J, computed block
+    column by block column from the last: each block column is one product with the block columns
+    already factored, one LAPACK Cholesky of a (block, block) diagonal block and one triangular solve.
+    Nearly all the arithmetic is then in matmuls, which use every thread torch has, where LAPACK's
+    factorisation of the whole matrix runs several times slower than its n^3/3 flops take in a matmul
+    (bench_gptq.py --profile prints the step against one), and nothing copies or reverses all of H.
+    By default a matrix of at most _CHOLESKY_ONE_CALL columns is one block."""
+    n = H.shape[0]
+    if block is None:
+        block = n if n <= _CHOLESKY_ONE_CALL else _CHOLESKY_BLOCK
+    R = torch.zeros_like(H)
+    for i2 in range(n, 0, -block):
+        i1 = max(i2 - block, 0)
+        # Block column i1:i2 of H + shift I, rows 0:i2, less what the columns after it account for.
+        panel = H[:i2, i1:i2] - R[:i2, i2:] @ R[i1:i2, i2:].t()      # (i2, b), a fresh tensor
+        panel[i1:i2].diagonal().add_(shift)
+        lower, info = torch.linalg.cholesky_ex(panel[i1:i2].flip(0, 1))
+        if int(info) != 0:
+            return R, i2 - int(info) + 1
+        R[i1:i2, i1:i2] = lower.flip(0, 1)
+        if i1 > 0:
+            # The rows above the diagonal block: X with X R_kk^T = the panel's upper rows.
+            R[:i1, i1:i2] = torch.linalg.solve_triangular(R[i1:i2, i1:i2].t(), panel[:i1], upper=False, left=False)
+    return R, 0
 
 
 def _triangular_weighted_norm(W: torch.Tensor, R: torch.Tensor, chunk: int = 512) -> float:

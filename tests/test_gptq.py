@@ -180,6 +180,44 @@ def test_indefinite_hessian_raises_damp_and_records_it():
     assert torch.isfinite(result.qtensor.dequantize()).all()
 
 
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 25])
+def test_upper_cholesky_in_blocks_is_the_factor_of_the_reversed_matrix(n):
+    H = hessian(correlated_inputs(2 * n + 4, n, seed=n).to(torch.float64))
+    before = H.clone()
+    R, info = quantlab.gptq.upper_cholesky(H, shift=0.1, block=8)
+    damped = H + 0.1 * torch.eye(n, dtype=torch.float64)
+    assert info == 0
+    assert torch.equal(R, R.triu())
+    assert torch.allclose(R, torch.linalg.cholesky(damped.flip(0, 1)).flip(0, 1), rtol=1e-9, atol=1e-12)
+    assert torch.allclose(R @ R.T, damped, rtol=1e-9, atol=1e-12)
+    assert torch.equal(H, before)
+
+
+def test_upper_cholesky_of_a_matrix_up_to_the_one_call_size_is_lapacks_bit_for_bit():
+    # The golden files were recorded with this factor; the blocked one differs in the last bit.
+    H = hessian(correlated_inputs(300, quantlab.gptq._CHOLESKY_ONE_CALL, seed=2))
+    lapack = torch.linalg.cholesky((H + 0.5 * torch.eye(H.shape[0])).flip(0, 1)).flip(0, 1)
+    assert torch.equal(quantlab.gptq.upper_cholesky(H, shift=0.5)[0], lapack)
+
+
+@pytest.mark.parametrize("negative", [3, 13, 24])
+def test_upper_cholesky_reports_the_column_where_the_matrix_is_not_positive_definite(negative):
+    H = torch.eye(25, dtype=torch.float64)
+    H[negative, negative] = -1.0
+    assert quantlab.gptq.upper_cholesky(H, block=8)[1] == negative + 1
+
+
+def test_indefinite_hessian_larger_than_a_cholesky_block_raises_damp(monkeypatch):
+    monkeypatch.setattr(quantlab.gptq, "_CHOLESKY_BLOCK", 8)
+    monkeypatch.setattr(quantlab.gptq, "_CHOLESKY_ONE_CALL", 8)
+    g = torch.Generator().manual_seed(4)
+    Q, _ = torch.linalg.qr(torch.randn(40, 40, generator=g))
+    H = Q @ torch.diag(torch.cat([torch.tensor([-0.05]), torch.ones(39)])) @ Q.T
+    result = gptq_quantize(torch.randn(8, 40, generator=g), H, Scheme(4, group_size=8))
+    assert [e["event"] for e in result.health] == ["damp_raised"]
+    assert result.damp == pytest.approx(0.1)
+
+
 def test_hessian_that_no_dampening_rescues_falls_back_to_rtn():
     H = torch.tensor([[0.01, 1.0], [1.0, 0.01]])   # eigenvalues -0.99 and 1.01; damp up to 10 cannot fix it
     W = torch.randn(4, 2, generator=torch.Generator().manual_seed(5))
