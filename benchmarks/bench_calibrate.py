@@ -104,6 +104,7 @@ def main(argv=None) -> None:
     parser.add_argument("--windows", type=int, default=128)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--configurations", nargs="+", choices=sorted(CONFIGURATIONS), default=sorted(CONFIGURATIONS))
     args = parser.parse_args(argv)
 
     model = load_model(MODELS[args.model])
@@ -115,7 +116,8 @@ def main(argv=None) -> None:
     print(f"reference: one forward pass through the blocks {reference_seconds:.1f} s")
     print(f"{'configuration':26} {'quantize s':>10} {'x pass':>7} {'passes':>7} {'hessian s':>9} {'solve s':>8} "
           f"{'stats s':>8} {'stats %':>8}")
-    for label, options in CONFIGURATIONS.items():
+    for label in args.configurations:
+        options = CONFIGURATIONS[label]
         with linear_work() as work, timed_statistics() as statistics:
             quantized = quantize_model(model, Scheme(4, group_size=64), calibration, method="gptq",
                                        batch_size=args.batch_size, **options)
@@ -123,7 +125,8 @@ def main(argv=None) -> None:
         print(f"{label:26} {quantized.seconds:10.1f} {quantized.seconds / reference_seconds:7.2f} "
               f"{work['macs'] / one_pass:7.2f} {statistics['hessian']:9.1f} {solve:8.1f} {statistics['seconds']:8.1f} "
               f"{100 * statistics['seconds'] / quantized.seconds:7.1f}%")
-    print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    print(f"peak RSS {usage.ru_maxrss / 1024:.0f} MiB, {usage.ru_minflt / 1e6:.2f}M page faults")
 
 
 if __name__ == "__main__":
