@@ -31,7 +31,7 @@ import time  # noqa: E402
 
 import torch  # noqa: E402
 
-from quantlab.gptq import _triangular_weighted_norm, gptq_quantize  # noqa: E402
+from quantlab.gptq import _weighted_row_norms, gptq_quantize  # noqa: E402
 from quantlab.quant import Scheme, compute_scales, dequantize, quantize  # noqa: E402
 
 
@@ -99,7 +99,7 @@ def bench_solver(n: int, repeats: int, with_reference: bool, with_profile: bool 
         result = gptq_quantize(W, H, scheme, block_size=block_size)
         times["solver"].append(time.perf_counter() - started)
         R = torch.linalg.cholesky(H.flip(0, 1) + 0.01 * H.diagonal().mean() * torch.eye(n)).flip(0, 1)
-        times["denominator"] += best_seconds(lambda: _triangular_weighted_norm(W, R), 1)
+        times["denominator"] += best_seconds(lambda: _weighted_row_norms(W, R), 1)
         if with_reference:
             times["reference"] += best_seconds(lambda: reference_gptq(W, H, scheme, block_size), 1)
     best = {k: min(v) for k, v in times.items() if v}
@@ -125,7 +125,7 @@ def bench_solver(n: int, repeats: int, with_reference: bool, with_profile: bool 
 STEPS = {
     "_upper_factor": "Cholesky of H (blocked: quantlab.gptq.upper_cholesky)",
     "upper_cholesky": "Cholesky of H (blocked: quantlab.gptq.upper_cholesky)",
-    "_triangular_weighted_norm": "rel_loss denominator ||W R||^2",
+    "_weighted_row_norms": "rel_loss denominator ||W R||^2",
     "round": "column loop: rounding to the grid",
     "_Grid.__init__": "group scales: grids prepared for the loop",
     "compute_scales": "group scales (quant.compute_scales)",

@@ -42,7 +42,7 @@ from typing import Optional, Union
 import torch
 from tqdm.auto import tqdm
 
-from quantlab.gptq import all_finite, condition_number, gptq_quantize, relative_loss
+from quantlab.gptq import GPTQResult, all_finite, condition_number, gptq_quantize, gptq_quantize_shared, relative_loss
 from quantlab.models.base import LanguageModel
 from quantlab.accounting import KEEP_KINDS, deployable_bytes, kept_module_values
 from quantlab.awq import awq_search, scaled_hessian
@@ -583,18 +583,39 @@ def _quantize_group(quantized: QuantizedModel, group: InputGroup, inputs: InputS
         # Stored, and so computed with, in float16; alpha = 0 is s = 1: plain RTN/GPTQ, nothing to store.
         scale = result.scales.to(torch.float16) if alpha > 0 else None
         search_seconds = (time.perf_counter() - started) / len(group.names)
-    for name in group.names:
-        if scale is not None:
+    if scale is not None:
+        for name in group.names:
             quantized.input_scales[name] = scale
-        _quantize_layer(quantized, name, inputs, heldout_inputs, solver, calibrated=True)
+    solved = _solve_group_together(quantized, group, inputs, solver)
+    for name in group.names:
+        _quantize_layer(quantized, name, inputs, heldout_inputs, solver, calibrated=True, solved=solved.get(name))
         layer = quantized.layers[name]
         if alpha is not None:
             layer["awq_alpha"], layer["awq_group"] = alpha, group.names[0]
             layer["seconds"] = (layer["seconds"] or 0.0) + search_seconds
 
 
+def _solve_group_together(quantized: QuantizedModel, group: InputGroup, inputs: InputStatistics,
+                          solver: dict) -> dict:
+    """{name: GPTQResult} of a GPTQ group's Linears from one solve of their stacked rows
+    (gptq_quantize_shared: each Linear's codes are those of its own solve, for one column loop), or {}
+    where each Linear solves on its own: one Linear, no calibration tokens, or different schemes."""
+    names = group.names
+    schemes = [quantized.layer_schemes.get(name, quantized.scheme) for name in names]
+    if quantized.method != "gptq" or len(names) < 2 or not inputs.n_tokens or any(s != schemes[0] for s in schemes):
+        return {}
+    scale = quantized.input_scales.get(names[0])
+    weights = [quantized.base.module.get_submodule(name).weight.detach() for name in names]
+    H = inputs.hessian
+    if scale is not None:   # AWQ: the group's shared input scale, as _quantize_layer applies it
+        s = scale.to(torch.float32).to(H.device)
+        weights, H = [W.to(torch.float32) * s for W in weights], scaled_hessian(H, s)
+    return dict(zip(names, gptq_quantize_shared(weights, H, schemes[0], **solver)))
+
+
 def _quantize_layer(quantized: QuantizedModel, name: str, inputs: Optional[InputStatistics],
-                    heldout_inputs: Optional[InputStatistics], solver: dict, calibrated: bool) -> None:
+                    heldout_inputs: Optional[InputStatistics], solver: dict, calibrated: bool,
+                    solved: Optional[GPTQResult] = None) -> None:
     """Quantize one Linear of the copied model (its weight is overwritten) and record its statistics.
     ``seconds`` is the quantization itself (the GPTQ solve or RTN), not the statistics around it.
     With an AWQ input scale s (``quantized.input_scales``) the codes are those of W s, found against
@@ -630,9 +651,9 @@ def _quantize_layer(quantized: QuantizedModel, name: str, inputs: Optional[Input
         layer["rtn_rel_loss"] = _finite_or_none(relative_loss(W, rtn.dequantize(), H))
         # AWQ: the problem in the scaled coordinates, W s against the inputs x / s (same output error).
         s = None if scale is None else scale.to(torch.float32).to(W.device)
-        W_q, H_q = (W, H) if s is None else (W.to(torch.float32) * s, scaled_hessian(H, s))
+        W_q = W if s is None else W.to(torch.float32) * s
         if quantized.method == "gptq":
-            result = gptq_quantize(W_q, H_q, scheme, **solver)
+            result = solved or gptq_quantize(W_q, H if s is None else scaled_hessian(H, s), scheme, **solver)
             qtensor, layer["rel_loss"], layer["damp"], layer["seconds"] = (
                 result.qtensor, result.rel_loss, result.damp, result.seconds)
             quantized.health += [{"layer": name, **event} for event in result.health]

@@ -25,7 +25,8 @@ column at a time, and to all columns after the block once per block, as one matr
 in-block updates run in pieces small enough that torch keeps each on the calling thread (see _solve),
 so the solver never changes torch's process-wide thread count and its products use every thread the
 caller gave torch. The
-rel_loss denominator tr(W H W^T) = ||W R||^2 is one more triangular product. benchmarks/bench_gptq.py
+rel_loss denominator tr(W H W^T) = ||W R||^2 is one more triangular product. Linears that read the
+same inputs share H, and their stacked rows are solved in one loop (gptq_quantize_shared). benchmarks/bench_gptq.py
 times a 4096 x 4096 solve against one 4096^3 matmul in the same process, and the paper's formulation
 beside it.
 
@@ -96,22 +97,47 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, scheme: Scheme, *, damp: flo
     trades speed for memory traffic: it changes the order of float32 sums, not a step of the algorithm
     (a weight within float32 rounding of a tie between two codes can round either way).
     """
+    return gptq_quantize_shared([W], H, scheme, damp=damp, block_size=block_size, act_order=act_order,
+                                static_groups=static_groups)[0]
+
+
+def gptq_quantize_shared(weights: list, H: torch.Tensor, scheme: Scheme, *, damp: float = 0.01,
+                         block_size: int = 128, act_order: bool = False, static_groups: bool = False) -> list:
+    """gptq_quantize for Linears that read the same inputs (a block's q, k and v projections), so share
+    H: one GPTQResult per weight, in order.
+
+    GPTQ treats each output row on its own (the rows share only H's factor), so the weights' rows are
+    stacked and solved in one column loop: its per-column cost, most of a small layer's solve, is paid
+    once for the group rather than once per Linear. Each row goes through the same steps as in its own
+    solve; only float32 products of another width may round differently in the last bit, which, as
+    with ``block_size``, can move a weight within rounding of a tie to the other code (on the tests'
+    matrices and SmolLM2's shapes every code is that of the separate solves: tests/test_gptq.py,
+    tests/test_calibrate.py). A per-tensor scale spans the rows, so per-tensor schemes solve one at a
+    time. Each result's ``seconds`` is its share of the solve, by rows."""
+    if len(weights) > 1 and scheme.granularity == "tensor":
+        return [gptq_quantize(W, H, scheme, damp=damp, block_size=block_size, act_order=act_order,
+                              static_groups=static_groups) for W in weights]
     started = time.perf_counter()
-    _validate(W, H, scheme, damp, block_size)
+    for W in weights:
+        _validate(W, H, scheme, damp, block_size)
     health: list = []
-    W = W.detach().to(torch.float32)
+    weights = [W.detach().to(torch.float32) for W in weights]
+    W = weights[0] if len(weights) == 1 else torch.cat(weights)
     H = H.detach().to(torch.float32)
     n = W.shape[1]
+
+    def fallback(H_or_none, damp_used):
+        return [_rtn_fallback(w, H_or_none, scheme, damp_used, started, list(health)) for w in weights]
 
     if not all_finite(H):
         health.append({"event": "nan", "detail": "H contains NaN or Inf (non-finite activations)"})
         health.append({"event": "rtn_fallback", "detail": "H is not finite, so GPTQ cannot use it"})
-        return _rtn_fallback(W, None, scheme, damp, started, health)
+        return fallback(None, damp)
     diag = H.diagonal()
     if (diag == 0).all():
         health.append({"event": "no_calibration_tokens",
                        "detail": "H is zero (no calibration input reached this layer); used round-to-nearest"})
-        return _rtn_fallback(W, H, scheme, damp, started, health)
+        return fallback(H, damp)
 
     # A dead input (zero in every calibration token) carries no information: give it a unit diagonal so
     # H factorises, and zero its weight column (as the reference does) so it cannot inflate its group's
@@ -131,21 +157,40 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, scheme: Scheme, *, damp: flo
     if R is None:
         health.append({"event": "rtn_fallback",
                        "detail": f"H + {damp_used:g} * mean(diag H) * I is still not positive definite"})
-        return _rtn_fallback(W, H, scheme, damp_used, started, health)
+        return fallback(H, damp_used)
 
     solution = _solve(W_work, R, order, scheme, block_size, static_groups)
     # Both traces include the dampening, tr(A (H + lambda I) A^T); take its share, lambda ||A||^2, back
-    # out. Dead columns have D = 0 and W_work = 0, so their unit diagonal adds nothing.
+    # out. Dead columns have D = 0 and W_work = 0, so their unit diagonal adds nothing. Per row here,
+    # summed over each weight's rows below.
     lam = damp_used * float(H_work.diagonal().mean())
-    loss = max(0.0, solution.loss_damped - lam * solution.error_sq)
+    losses = solution.loss_damped - lam * solution.error_sq
     W_solving_order = W_work if order is None else W_work[:, order]
-    denominator = _triangular_weighted_norm(W_solving_order, R) - lam * float(torch.linalg.vector_norm(W_work)) ** 2
-    if not (math.isfinite(loss) and math.isfinite(denominator)):
+    denominators = (_weighted_row_norms(W_solving_order, R)
+                    - lam * torch.linalg.vector_norm(W_work, dim=1, dtype=torch.float64) ** 2)
+    if not (all_finite(losses) and all_finite(denominators)):
         health.append({"event": "nan", "detail": "the solve produced a non-finite loss"})
         health.append({"event": "rtn_fallback", "detail": "the GPTQ solution was not finite"})
-        return _rtn_fallback(W, H, scheme, damp_used, started, health)
-    return GPTQResult(solution.qtensor, loss, _ratio(loss, denominator), damp_used,
-                      time.perf_counter() - started, health)
+        return fallback(H, damp_used)
+    seconds = time.perf_counter() - started
+    results, r1 = [], 0
+    for w in weights:
+        r2 = r1 + w.shape[0]
+        loss = max(0.0, float(losses[r1:r2].sum()))
+        results.append(GPTQResult(_rows(solution.qtensor, r1, r2, len(weights) > 1), loss,
+                                  _ratio(loss, float(denominators[r1:r2].sum())), damp_used,
+                                  seconds * w.shape[0] / W.shape[0], list(health)))
+        r1 = r2
+    return results
+
+
+def _rows(qtensor: QTensor, r1: int, r2: int, copy: bool) -> QTensor:
+    """Rows r1:r2 of a QTensor with a scale per row (copies, so no weight's tensors share storage)."""
+    if not copy:
+        return qtensor
+    zeros = None if qtensor.zeros is None else qtensor.zeros[r1:r2].clone()
+    g_idx = None if qtensor.g_idx is None else qtensor.g_idx.clone()
+    return QTensor(qtensor.codes[r1:r2].clone(), qtensor.scales[r1:r2].clone(), zeros, qtensor.scheme, g_idx)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -332,15 +377,16 @@ def upper_cholesky(H: torch.Tensor, shift: float = 0.0, block: Optional[int] = N
     return R, 0
 
 
-def _triangular_weighted_norm(W: torch.Tensor, R: torch.Tensor, chunk: int = 512) -> float:
-    """||W R||^2 = tr(W R R^T W^T) for upper triangular R, a chunk of columns of W R at a time so the
-    zeros below R's diagonal cost nothing: half a full (out, n, n) product. (512-column chunks: large
-    enough for an efficient matmul, small enough that the wasted lower triangle stays small.)"""
+def _weighted_row_norms(W: torch.Tensor, R: torch.Tensor, chunk: int = 512) -> torch.Tensor:
+    """(out,) float64: row i is ||W_i R||^2 = W_i R R^T W_i^T for upper triangular R, a chunk of columns
+    of W R at a time so the zeros below R's diagonal cost nothing: half a full (out, n, n) product.
+    (512-column chunks: large enough for an efficient matmul, small enough that the wasted lower
+    triangle stays small.)"""
     n = W.shape[1]
-    total = 0.0
+    total = torch.zeros(W.shape[0], dtype=torch.float64, device=W.device)
     for c1 in range(0, n, chunk):
         c2 = min(c1 + chunk, n)
-        total += float(torch.linalg.vector_norm(W[:, :c2] @ R[:c2, c1:c2])) ** 2   # columns c1:c2 of W R
+        total += torch.linalg.vector_norm(W[:, :c2] @ R[:c2, c1:c2], dim=1, dtype=torch.float64) ** 2
     return total
 
 
@@ -400,8 +446,8 @@ class _GroupGrids:
 @dataclass
 class _Solution:
     qtensor: QTensor
-    loss_damped: float     # tr(D (H + lambda I) D^T) = ||D R||^2
-    error_sq: float        # ||D||^2
+    loss_damped: torch.Tensor     # (out,) float64: row i of tr(D (H + lambda I) D^T) = ||D R||^2
+    error_sq: torch.Tensor        # (out,) float64: ||D_i||^2
 
 
 def _block_bounds(n: int, block_size: int, group_starts: range) -> list:
@@ -454,9 +500,10 @@ def _solve(W: torch.Tensor, R: torch.Tensor, order: Optional[torch.Tensor], sche
         group_starts = range(0)
     groups = group_of_step.tolist()
 
-    # Summed without a float() per block: on a GPU that would wait for the block's work to finish.
-    loss_damped = torch.zeros((), dtype=torch.float64, device=W.device)
-    error_sq = torch.zeros((), dtype=torch.float64, device=W.device)
+    # Summed per row (weight rows are columns here) without a float() per block: on a GPU that would
+    # wait for the block's work to finish.
+    loss_damped = torch.zeros(out, dtype=torch.float64, device=W.device)
+    error_sq = torch.zeros(out, dtype=torch.float64, device=W.device)
     rounded = torch.empty(out, device=W.device)          # one column's q_j
     for i1, i2 in _block_bounds(n, block_size, group_starts):
         if dynamic_groups and i1 % scheme.group_size == 0:
@@ -484,8 +531,8 @@ def _solve(W: torch.Tensor, R: torch.Tensor, order: Optional[torch.Tensor], sche
         codes_t[i1:i2].copy_(levels)
         # This block's rows of E = D R: (w'_j - q_j) R[j, j], since w'_j - q_j = (w_j - q_j) + G_j / R[j, j].
         loss_damped += torch.linalg.vector_norm(
-            current.sub_(W_t[i1:i2]).add_(errors).mul_(r_diag[i1:i2, None]), dtype=torch.float64) ** 2
-        error_sq += torch.linalg.vector_norm(errors, dtype=torch.float64) ** 2
+            current.sub_(W_t[i1:i2]).add_(errors).mul_(r_diag[i1:i2, None]), dim=0, dtype=torch.float64) ** 2
+        error_sq += torch.linalg.vector_norm(errors, dim=0, dtype=torch.float64) ** 2
         # (*) for every column after the block, in one product: the lazy batch update.
         feedback[i2:].addmm_(R[i1:i2, i2:].t(), errors)
 
@@ -495,4 +542,4 @@ def _solve(W: torch.Tensor, R: torch.Tensor, order: Optional[torch.Tensor], sche
         g_idx = torch.empty(n, dtype=torch.long, device=W.device)
         g_idx[order] = group_of_step
     scales, zeros = grids.stacked()
-    return _Solution(QTensor(codes.contiguous(), scales, zeros, scheme, g_idx), float(loss_damped), float(error_sq))
+    return _Solution(QTensor(codes.contiguous(), scales, zeros, scheme, g_idx), loss_damped, error_sq)

@@ -311,6 +311,31 @@ def test_one_pass_gives_the_codes_of_rerunning_the_block_on_a_llama(monkeypatch,
                       quantize_by_reruns(monkeypatch, model, INT4_G16, tokens, **kwargs))
 
 
+@pytest.mark.parametrize("options", [{}, {"act_order": True, "static_groups": True}, {"awq": True}])
+def test_a_groups_linears_solved_together_get_the_codes_of_their_own_solves(monkeypatch, tiny_llama_dir, options):
+    from quantlab.models import load_model
+
+    model = load_model(f"hf:{tiny_llama_dir}")
+    tokens = torch.randint(0, model.vocab_size, (6, 16), generator=torch.Generator().manual_seed(0))
+    stacked = []
+    shared = calibrate.gptq_quantize_shared
+
+    def spy(weights, *args, **kwargs):
+        stacked.append(len(weights))
+        return shared(weights, *args, **kwargs)
+
+    monkeypatch.setattr(calibrate, "gptq_quantize_shared", spy)
+    together = quantize_model(model, INT4_G16, tokens, method="gptq", batch_size=2, **options)
+    monkeypatch.setattr(calibrate, "_solve_group_together", lambda *args: {})
+    alone = quantize_model(model, INT4_G16, tokens, method="gptq", batch_size=2, **options)
+    assert stacked.count(3) == stacked.count(2) == len(model.blocks)     # q, k, v and gate, up per block
+    assert together.qtensors.keys() == alone.qtensors.keys()
+    for name in alone.qtensors:
+        assert torch.equal(together.qtensors[name].codes, alone.qtensors[name].codes), name
+        assert torch.equal(together.qtensors[name].scales, alone.qtensors[name].scales), name
+        assert together.layers[name]["rel_loss"] == pytest.approx(alone.layers[name]["rel_loss"], rel=1e-5), name
+
+
 def count_linear_calls(model: LanguageModel) -> tuple:
     """(calls per Linear name, a function that removes the counting hooks), counted on every copy of
     ``model``: deepcopy copies the hooks."""

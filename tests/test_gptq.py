@@ -94,6 +94,42 @@ def test_rank_one_updates_in_pieces_do_not_change_a_decision(monkeypatch, rows_p
         assert torch.equal(result.qtensor.codes.long(), paper_gptq_codes(W, H, scheme))
 
 
+@pytest.mark.parametrize("scheme", [Scheme(4, group_size=8), Scheme(3, group_size=16, symmetric=False), Scheme(8)])
+@pytest.mark.parametrize("act_order, static_groups", [(False, False), (True, False), (True, True)])
+def test_weights_sharing_h_solved_together_get_the_codes_and_losses_of_their_own_solves(scheme, act_order,
+                                                                                      static_groups):
+    H = hessian(correlated_inputs(96, 32, seed=3))
+    weights = [torch.randn(rows, 32, generator=torch.Generator().manual_seed(rows)) for rows in (24, 8, 8)]
+    together = quantlab.gptq.gptq_quantize_shared(weights, H, scheme, act_order=act_order,
+                                                  static_groups=static_groups)
+    for W, shared in zip(weights, together):
+        alone = gptq_quantize(W, H, scheme, act_order=act_order, static_groups=static_groups)
+        assert torch.equal(shared.qtensor.codes, alone.qtensor.codes)
+        assert torch.equal(shared.qtensor.scales, alone.qtensor.scales)
+        assert shared.qtensor.codes.untyped_storage().size() == shared.qtensor.codes.nbytes   # not a view
+        # float32 products of other widths, in a loss that is the difference of two larger sums
+        assert shared.loss == pytest.approx(alone.loss, rel=1e-5)
+        assert shared.rel_loss == pytest.approx(alone.rel_loss, rel=1e-5)
+
+
+def test_weights_sharing_a_per_tensor_scale_are_solved_one_by_one():
+    H = hessian(correlated_inputs(96, 32, seed=3))
+    weights = [torch.randn(8, 32, generator=torch.Generator().manual_seed(rows)) * rows for rows in (1, 10)]
+    together = quantlab.gptq.gptq_quantize_shared(weights, H, Scheme(8, granularity="tensor"))
+    for W, shared in zip(weights, together):
+        assert torch.equal(shared.qtensor.scales, gptq_quantize(W, H, Scheme(8, granularity="tensor")).qtensor.scales)
+
+
+def test_weights_sharing_an_unusable_h_each_fall_back_to_rtn():
+    H = torch.zeros(16, 16)
+    weights = [torch.randn(rows, 16, generator=torch.Generator().manual_seed(rows)) for rows in (4, 6)]
+    results = quantlab.gptq.gptq_quantize_shared(weights, H, Scheme(4, group_size=8))
+    assert [r.qtensor.shape for r in results] == [(4, 16), (6, 16)]
+    for W, result in zip(weights, results):
+        assert torch.equal(result.qtensor.codes, quantize_rtn(W, Scheme(4, group_size=8)).codes)
+        assert [e["event"] for e in result.health] == ["no_calibration_tokens"]
+
+
 def test_rank_one_updates_stay_under_torchs_parallel_grain():
     # Below the grain torch runs an elementwise operation on the calling thread.
     for out_features in (1, 7, 576, 4096, 4097, 11008, 32768, 40000):
