@@ -598,7 +598,8 @@ def _quantize_group(quantized: QuantizedModel, group: InputGroup, inputs: InputS
 def _solve_group_together(quantized: QuantizedModel, group: InputGroup, inputs: InputStatistics,
                           solver: dict) -> dict:
     """{name: GPTQResult} of a GPTQ group's Linears from one solve of their stacked rows
-    (gptq_quantize_shared: each Linear's codes are those of its own solve, for one column loop), or {}
+    (gptq_quantize_shared: one column loop, and each Linear's codes those of its own solve up to float32
+    ties), or {}
     where each Linear solves on its own: one Linear, no calibration tokens, or different schemes."""
     names = group.names
     schemes = [quantized.layer_schemes.get(name, quantized.scheme) for name in names]
