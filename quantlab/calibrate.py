@@ -665,24 +665,25 @@ def _quantize_layer(quantized: QuantizedModel, name: str, inputs: Optional[Input
             layer["rel_loss"] = _finite_or_none(relative_loss(W, qtensor.dequantize() / s, H))
         else:
             qtensor, layer["rel_loss"], layer["seconds"] = rtn, layer["rtn_rel_loss"], rtn_seconds
-        if heldout_inputs is not None and heldout_inputs.n_tokens:
-            W_hat = qtensor.dequantize() if s is None else qtensor.dequantize() / s
-            layer["heldout_rel_loss"] = _finite_or_none(relative_loss(W, W_hat, heldout_inputs.hessian))
-    _record_weight_error(layer, W, qtensor, quantized.input_scales.get(name))
+    quantized.qtensors[name] = qtensor
+    W_hat = quantized.dequantized(name)     # what the layer computes with: AWQ's input scale undone
+    measured = inputs is not None and inputs.n_tokens
+    if measured and heldout_inputs is not None and heldout_inputs.n_tokens:
+        layer["heldout_rel_loss"] = _finite_or_none(relative_loss(W, W_hat, heldout_inputs.hessian))
+    _record_weight_error(layer, W, W_hat, qtensor, quantized.input_scales.get(name))
     # The rest of the block computes with the quantized weight: the float one is put back afterwards.
     quantized._float_weights.setdefault(name, linear.weight.data)
-    quantized.qtensors[name] = qtensor
-    linear.weight.data = quantized.dequantized(name).to(linear.weight.dtype)
+    linear.weight.data = W_hat.to(linear.weight.dtype)
     quantized.layers[name] = layer
 
 
-def _record_weight_error(layer: dict, W: torch.Tensor, qtensor, scale: Optional[torch.Tensor]) -> None:
+def _record_weight_error(layer: dict, W: torch.Tensor, W_hat: torch.Tensor, qtensor,
+                         scale: Optional[torch.Tensor]) -> None:
     """The layer's relative weight error ||W - W_hat||^2 / ||W||^2 (W_hat as the layer computes, AWQ's input
     scale undone) and, under scale_search 'mse', the shrink factors chosen for the weights that were
     quantized (W s with AWQ): their mean over groups and their counts per factor (quantlab.quant.scale_shrinks)."""
     W = W.detach().to(torch.float32)
     s = None if scale is None else scale.to(torch.float32).to(W.device)
-    W_hat = qtensor.dequantize() if s is None else qtensor.dequantize() / s
     norm = float(W.square().sum())
     layer["weight_rel_error"] = _finite_or_none(float((W - W_hat).square().sum()) / norm) if norm > 0 else None
     if qtensor.scheme.scale_search == "mse":
