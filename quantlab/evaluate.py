@@ -444,17 +444,32 @@ def run_windows(model: LanguageModel, plan: EvalPlan, baseline: Optional[Baselin
 
 
 def window_logits(model: LanguageModel, windows: torch.Tensor, batch_size: int, device: str):
-    """(start, windows, logits (B, T, V)) for consecutive rows of ``windows``: ``model.logits`` on each
-    batch of ``batch_size`` windows. A model whose blocks are read on demand (quantlab.offload) runs
-    every batch through one block before the next is read instead, then its head on as many windows at
-    a time as windows_per_chunk allows, so each block is read once per pass and no batch's logits are held."""
+    """(start, windows, logits (n, T, V)) for consecutive rows of ``windows``, as ``model.logits`` on
+    batches of ``batch_size`` windows gives them.
+
+    A model with a separate head (a transformers model's final norm and lm_head) runs each batch through
+    its blocks and then its head on as many windows at a time as windows_per_chunk allows, so no batch's
+    logits exist at once (SmolLM2's (8, 512, 49152) float32 logits are 805 MB). A model whose blocks are
+    read on demand (quantlab.offload) runs every batch through one block before the next is read, then
+    its head the same way, so each block is read once per pass. Other models yield a batch's logits."""
+    head_windows = windows_per_chunk(windows.shape[1], model.vocab_size)
     if offload_of(model) is not None:
-        head_windows = windows_per_chunk(windows.shape[1], model.vocab_size)
         yield from block_major_logits(model, windows, batch_size, head_windows, device)
         return
+    has_head = bool(getattr(model, "head_names", ()))
     for start in range(0, len(windows), batch_size):
         batch = windows[start:start + batch_size]
-        yield start, batch, model.logits(batch.to(device))
+        if not has_head or head_windows >= len(batch):
+            yield start, batch, model.logits(batch.to(device))
+            continue
+        with torch.inference_mode():
+            hidden, kwargs = model.block_inputs(batch.to(device))
+            for b in range(len(model.blocks)):
+                hidden = model.run_block(b, hidden, kwargs)
+        for i in range(0, len(batch), head_windows):
+            with torch.inference_mode():
+                logits = model.head(hidden[i:i + head_windows])
+            yield start + i, batch[i:i + head_windows], logits
 
 
 def place(model: LanguageModel, device: str) -> None:

@@ -47,9 +47,10 @@ class SwappedModel:
             raise KeyError(f"{base.name} has no parameter {unknown[0]} to swap")
         self._wanted = {id(params[name]): value for name, value in values.items()}
         in_blocks = {id(p) for block in base.blocks for p in block.parameters()}
-        # Modules inside blocks that own swapped parameters: swapped per call of the module.
-        self._owners = [(owner, owned) for block in base.blocks for owner in block.modules()
-                        if (owned := [p for p in owner.parameters(recurse=False) if id(p) in self._wanted])]
+        # Modules inside blocks that own swapped parameters, block by block: swapped per call of the module.
+        self._owners = [[(owner, owned) for owner in block.modules()
+                         if (owned := [p for p in owner.parameters(recurse=False) if id(p) in self._wanted])]
+                        for block in base.blocks]
         # The rest: swapped for the whole call into the model.
         self._outside = [params[name] for name in values if id(params[name]) not in in_blocks]
 
@@ -61,7 +62,10 @@ class SwappedModel:
             return self.base.logits(tokens)
 
     def run_block(self, block_index: int, hidden: torch.Tensor, kwargs) -> torch.Tensor:
-        with self._swapped():
+        # One block computes with its own parameters alone (what else it needs comes in ``kwargs``), so
+        # only its modules are swapped: a pass that calls run_block per block then converts the values
+        # outside the blocks (the embeddings, the head) once, in block_inputs and head, not per block.
+        with self._swapped(blocks=[block_index], outside=False):
             return self.base.run_block(block_index, hidden, kwargs)
 
     def block_inputs(self, tokens: torch.Tensor):
@@ -73,9 +77,10 @@ class SwappedModel:
             return self.base.head(hidden)
 
     @contextlib.contextmanager
-    def _swapped(self) -> Iterator[None]:
+    def _swapped(self, blocks=None, outside: bool = True) -> Iterator[None]:
         """Inside, the base model computes with the values (module docstring: which are swapped per
-        module call and which for the whole call). Restored on the way out, errors included."""
+        module call and which for the whole call): in the blocks ``blocks`` (None: all) and, with
+        ``outside``, outside the blocks. Restored on the way out, errors included."""
         if not self.values:
             yield
             return
@@ -93,11 +98,13 @@ class SwappedModel:
                     p.data = saved.pop(id(p))[1]
 
         handles = []
-        for owner, owned in self._owners:
-            handles.append(owner.register_forward_pre_hook(lambda m, args, owned=owned: swap_in(owned)))
-            handles.append(owner.register_forward_hook(lambda m, args, out, owned=owned: swap_out(owned)))
+        for b in range(len(self._owners)) if blocks is None else blocks:
+            for owner, owned in self._owners[b]:
+                handles.append(owner.register_forward_pre_hook(lambda m, args, owned=owned: swap_in(owned)))
+                handles.append(owner.register_forward_hook(lambda m, args, out, owned=owned: swap_out(owned)))
         try:
-            swap_in(self._outside)
+            if outside:
+                swap_in(self._outside)
             yield
         finally:
             for handle in handles:

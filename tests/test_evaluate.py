@@ -523,3 +523,65 @@ def test_the_baseline_scored_against_its_stored_log_probs_is_exactly_itself(make
     plan = EvalPlan(random_bytes(64 * 3), seq_len=64)
     result = evaluate(baseline, plan, BaselineLogProbs(baseline, plan, path=tmp_path / "base.npy"))
     assert result["kld_mean"] == 0.0 and result["ppl_gap"] == 0.0 and result["top1_agreement"] == 1.0
+
+
+# ----------------------------------------------------------------------------------------------
+# A model with a separate head: its logits a few windows at a time
+
+
+def test_a_model_with_a_head_gets_its_logits_a_chunk_of_windows_at_a_time(monkeypatch, tiny_llama_dir):
+    from quantlab import evaluate as evaluation
+    from quantlab.models import load_model
+
+    model = load_model(f"hf:{tiny_llama_dir}")
+    windows = torch.randint(0, model.vocab_size, (5, 16), generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(evaluation, "LOG_PROBS_CHUNK_BYTES", 2 * 15 * model.vocab_size * 4)   # two windows
+    parts = list(evaluation.window_logits(model, windows, batch_size=4, device="cpu"))
+    assert [(start, len(batch), tuple(logits.shape)) for start, batch, logits in parts] == [
+        (0, 2, (2, 16, model.vocab_size)), (2, 2, (2, 16, model.vocab_size)), (4, 1, (1, 16, model.vocab_size))]
+    assert torch.equal(torch.cat([batch for _, batch, _ in parts]), windows)
+    with torch.inference_mode():
+        whole = torch.cat([model.logits(windows[:4]), model.logits(windows[4:])])
+    assert torch.allclose(torch.cat([logits for _, _, logits in parts]), whole, rtol=1e-5, atol=1e-5)
+
+
+def test_a_quantized_model_evaluates_alike_with_its_head_in_chunks(monkeypatch, tiny_llama_dir):
+    from quantlab import evaluate as evaluation
+    from quantlab.calibrate import quantize_model
+    from quantlab.models import load_model
+    from quantlab.quant import Scheme
+
+    model = load_model(f"hf:{tiny_llama_dir}")
+    before = {name: p.detach().clone() for name, p in model.module.named_parameters()}
+    quantized = quantize_model(model, Scheme(4, group_size=16), None).model
+    plan = EvalPlan(torch.randint(0, model.vocab_size, (200,), generator=torch.Generator().manual_seed(1)),
+                    seq_len=16, batch_size=4, kl=True)
+    batched = evaluation.run_windows(quantized, plan, BaselineLogProbs(model, plan))
+    monkeypatch.setattr(evaluation, "LOG_PROBS_CHUNK_BYTES", 1)                                # one window
+    chunked = evaluation.run_windows(quantized, plan, BaselineLogProbs(model, plan))
+    assert torch.allclose(chunked.nll, batched.nll, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(chunked.kld, batched.kld, rtol=1e-4, atol=1e-6)
+    assert all(torch.equal(p, before[name]) for name, p in model.module.named_parameters())  # float model kept
+
+
+def test_a_swapped_model_runs_a_block_with_that_blocks_values_alone(tiny_llama_dir):
+    from quantlab.models import load_model
+    from quantlab.swap import SwappedModel
+
+    model = load_model(f"hf:{tiny_llama_dir}")
+    names = [model.linear_names(0)[0] + ".weight", model.linear_names(1)[0] + ".weight",
+             next(name for name, _ in model.module.named_parameters() if "embed" in name)]
+    calls = dict.fromkeys(names, 0)
+
+    def counted(name):
+        def value(data):
+            calls[name] += 1
+            return data
+        return value
+
+    swapped = SwappedModel(model, {name: counted(name) for name in names})
+    with torch.inference_mode():
+        hidden, kwargs = swapped.block_inputs(torch.zeros(1, 8, dtype=torch.long))
+        assert calls == {names[0]: 0, names[1]: 0, names[2]: 1}
+        swapped.run_block(0, hidden, kwargs)
+    assert calls == {names[0]: 1, names[1]: 0, names[2]: 1}
