@@ -41,7 +41,7 @@ from typing import Iterator, Optional, Union
 import torch
 from torch import nn
 
-from quantlab.paused import _return_free_memory   # glibc's malloc_trim (see the module docstring)
+from quantlab.paused import return_free_memory   # glibc's malloc_trim (see the module docstring)
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
@@ -203,7 +203,7 @@ class BlockOffload:
                 p.data = placeholder(p.shape, p.dtype, self.device)
                 released = True
         if released:
-            _return_free_memory()
+            return_free_memory()
 
     @contextlib.contextmanager
     def outside_resident(self) -> Iterator[None]:
@@ -222,7 +222,7 @@ class BlockOffload:
     def _release(self, block_index: int) -> None:
         for p, _ in self._block_params[block_index]:
             p.data = placeholder(p.shape, p.dtype, self.device)
-        _return_free_memory()
+        return_free_memory()
 
     @contextlib.contextmanager
     def resident(self, block_index: int) -> Iterator[None]:

@@ -22,7 +22,7 @@ from quantlab.models.base import LanguageModel
 Batch = tuple  # (hidden (B, T, C), kwargs): what one block receives for one batch of token windows
 
 
-def _return_free_memory() -> None:
+def return_free_memory() -> None:
     """Hand the memory freed by the run that just paused back to the system (glibc's malloc_trim).
 
     glibc gives each thread its own malloc arena and keeps what a thread frees for that thread's later
@@ -104,7 +104,7 @@ class PausedRun:
         else:
             self._go.release()
         self._stopped.acquire()
-        _return_free_memory()
+        return_free_memory()
         if self._error is not None:
             raise self._error
 

@@ -134,6 +134,42 @@ def test_sensitivity_statistics_hessian_is_the_inputs_second_moment(minigpt):
     assert all(p.requires_grad for p in minigpt.module.parameters())   # the model's flags are restored
 
 
+def test_sensitivity_statistics_block_by_block_equal_one_whole_model_backward(tiny_llama_dir):
+    # A model with a head is differentiated a block at a time (recomputing each block's forward):
+    # the same H and g as one backward through the whole model, which it takes without a head.
+    from quantlab.mixed import sensitivity_statistics
+    from quantlab.models import load_model
+
+    model = load_model(f"hf:{tiny_llama_dir}")
+    flags = [p.requires_grad for p in model.module.parameters()]
+    windows = torch.randint(0, model.vocab_size, (5, 16), generator=torch.Generator().manual_seed(0))
+    blockwise = sensitivity_statistics(model, windows, batch_size=2)
+    model.head_names = ()
+    whole = sensitivity_statistics(model, windows, batch_size=2)
+    assert set(blockwise) == set(whole) == set(model.all_linear_names())
+    for name, (H, g) in whole.items():
+        torch.testing.assert_close(blockwise[name][0], H, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(blockwise[name][1], g, rtol=1e-4, atol=1e-9)
+    assert [p.requires_grad for p in model.module.parameters()] == flags   # the model's flags are restored
+
+
+def test_sensitivity_statistics_never_hold_a_batch_of_logits(monkeypatch, tiny_llama_dir):
+    from quantlab import evaluate as evaluation
+    from quantlab.mixed import sensitivity_statistics
+    from quantlab.models import load_model
+
+    model = load_model(f"hf:{tiny_llama_dir}")
+    monkeypatch.setattr(evaluation, "LOG_PROBS_CHUNK_BYTES", 1)   # the head on one window at a time
+    head = model.module.get_submodule(model.head_names[-1])
+    windows_seen = []
+    handle = head.register_forward_hook(lambda m, args, out: windows_seen.append(out.shape[0]))
+    try:
+        sensitivity_statistics(model, torch.randint(0, model.vocab_size, (4, 16)), batch_size=4)
+    finally:
+        handle.remove()
+    assert windows_seen == [1, 1, 1, 1]
+
+
 def test_sensitivity_ranks_layers_like_the_true_kl_increase():
     """On the trained MiniGPT the K-FAC KL estimate ranks (layer, candidate) pairs as the measured
     single-layer KL increase does (benchmarks/bench_sensitivity.py: Spearman 0.998 on 64 windows, the
