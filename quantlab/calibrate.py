@@ -47,7 +47,7 @@ from quantlab.models.base import LanguageModel
 from quantlab.accounting import KEEP_KINDS, deployable_bytes, kept_module_values
 from quantlab.awq import awq_search, scaled_hessian
 from quantlab.mixed import MixedScheme, plan_mixed
-from quantlab.quant import FLOAT_DTYPES, FloatScheme, Scheme, quantize_rtn, scale_shrinks, shrink_counts
+from quantlab.quant import FLOAT_DTYPES, FloatScheme, QTensor, Scheme, quantize_rtn, scale_shrinks, shrink_counts
 from quantlab.offload import TensorStore, offload_of, resident
 from quantlab.paused import Batch, PausedRun
 from quantlab.swap import SwappedModel, Values, materialize
@@ -63,6 +63,13 @@ METHODS = ("float", "rtn", "gptq", "awq")
 LAYER_STATISTICS = ("rel_loss", "rtn_rel_loss", "damp", "seconds", "h_cond", "h_diag_spread", "input_absmax",
                     "outlier_ratio", "n_tokens", "awq_alpha", "awq_group", "bits", "scheme", "sensitivity",
                     "weight_rel_error")
+
+
+def dequantized_weight(qtensor: QTensor, input_scale: Optional[torch.Tensor]) -> torch.Tensor:
+    """The weight a quantized Linear computes with: its codes dequantized, divided by its AWQ input
+    scale s (float16; None without AWQ)."""
+    W = qtensor.dequantize()
+    return W if input_scale is None else W / input_scale.to(torch.float32)
 
 
 @dataclass
@@ -111,17 +118,20 @@ class QuantizedModel:
     def values(self) -> Values:
         """What quantlab.swap swaps in: every quantized Linear's dequantized weight and the replaced
         parameters, on the float parameter's device and in its dtype."""
-        values = {f"{name}.weight": lambda data, name=name: self.dequantized(name).to(data.device, data.dtype)
-                  for name in self.qtensors}
+        # The functions hold the containers, not this object: a QuantizedModel whose ``model`` held
+        # functions holding it back would be a reference cycle, and each scheme's codes would stay in
+        # memory until Python's cycle collector happened to run (a spec run's RSS grew by a scheme's
+        # codes per scheme).
+        qtensors, scales = self.qtensors, self.input_scales
+        values = {f"{name}.weight": lambda data, name=name: dequantized_weight(qtensors[name], scales.get(name))
+                  .to(data.device, data.dtype) for name in self.qtensors}
         values.update({name: lambda data, stored=stored: stored.to(data.device, data.dtype)
                        for name, stored in self.replaced.items()})
         return values
 
     def dequantized(self, name: str) -> torch.Tensor:
         """The weight Linear ``name`` computes with: its codes dequantized, divided by its AWQ input scale."""
-        W = self.qtensors[name].dequantize()
-        scale = self.input_scales.get(name)
-        return W if scale is None else W / scale.to(torch.float32)
+        return dequantized_weight(self.qtensors[name], self.input_scales.get(name))
 
     def materialize(self) -> LanguageModel:
         """A copy of the model that holds these weights in its own parameters: one model's memory, for

@@ -83,6 +83,27 @@ def test_the_quantized_model_computes_with_swapped_in_weights_exactly_as_a_copy_
         assert p.data_ptr() == before[name][0] and torch.equal(p, before[name][1]), name
 
 
+def test_an_evaluated_quantization_is_freed_with_its_last_reference(minigpt):
+    # Not left to Python's cycle collector: a spec run evaluates one scheme after another, and each
+    # scheme's codes staying until the collector happened to run grew its memory scheme by scheme.
+    import gc
+    import weakref
+
+    from quantlab.evaluate import EvalPlan, evaluate
+
+    quantized = quantize_model(minigpt, PRESETS["int4-g64"], None)
+    gone = weakref.ref(quantized)
+    codes = weakref.ref(next(iter(quantized.qtensors.values())).codes)
+    plan = EvalPlan(random_tokens(1, seq_len=200)[0], seq_len=32, batch_size=2)
+    gc.disable()
+    try:
+        evaluate(quantized.model, plan)
+        del quantized
+        assert gone() is None and codes() is None
+    finally:
+        gc.enable()
+
+
 def test_a_call_that_fails_inside_the_model_still_gives_the_float_weights_back(minigpt, gptq_result):
     before = {name: p.detach().clone() for name, p in minigpt.module.named_parameters()}
     handle = minigpt.module.get_submodule("blocks.1.mlp.c_proj").register_forward_pre_hook(
