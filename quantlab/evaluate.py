@@ -543,9 +543,13 @@ def continuation_log_likelihoods(model: LanguageModel, sequences, batch_tokens: 
         batch = torch.zeros(len(rows), lengths[rows[-1]], dtype=torch.long)  # (B, L), 0-padded on the right
         for r, i in enumerate(rows):
             batch[r, :lengths[i]] = torch.cat(sequences[i][:2])
-        logits = model.logits(batch.to(device))                                # (B, L, V)
-        nonfinite += count_nonfinite(logits)
-        nll = token_nll(next_token_log_probs(logits), batch[:, 1:].to(device)).cpu()  # (B, L-1)
+        # A model with a separate head gives its logits a chunk of sequences at a time (window_logits),
+        # so a batch's (B, L, V) logits never exist at once.
+        parts = []
+        for _, part, logits in window_logits(model, batch, len(batch), device):   # (n, L, V)
+            nonfinite += count_nonfinite(logits)
+            parts.append(token_nll(next_token_log_probs(logits), part[:, 1:].to(device)).cpu())
+        nll = torch.cat(parts)                                                  # (B, L-1)
         for r, i in enumerate(rows):
             context, continuation = sequences[i][0], sequences[i][1]
             # Token j of the full sequence is predicted at position j-1.

@@ -585,3 +585,24 @@ def test_a_swapped_model_runs_a_block_with_that_blocks_values_alone(tiny_llama_d
         assert calls == {names[0]: 0, names[1]: 0, names[2]: 1}
         swapped.run_block(0, hidden, kwargs)
     assert calls == {names[0]: 1, names[1]: 0, names[2]: 1}
+
+
+def test_task_scoring_gets_a_models_logits_a_chunk_of_sequences_at_a_time(monkeypatch, tiny_llama_dir):
+    from quantlab import evaluate as evaluation
+    from quantlab.models import load_model
+
+    model = load_model(f"hf:{tiny_llama_dir}")
+    generator = torch.Generator().manual_seed(2)
+    sequences = [(torch.randint(0, model.vocab_size, (n,), generator=generator),
+                  torch.randint(0, model.vocab_size, (3,), generator=generator), 3) for n in (4, 5, 5, 6, 9)]
+    whole, _ = evaluation.continuation_log_likelihoods(model, sequences, batch_tokens=64)
+    monkeypatch.setattr(evaluation, "LOG_PROBS_CHUNK_BYTES", 1)   # the head on one sequence at a time
+    rows_seen = []
+    head = model.module.get_submodule(model.head_names[-1])
+    handle = head.register_forward_hook(lambda m, args, out: rows_seen.append(out.shape[0]))
+    try:
+        chunked, nonfinite = evaluation.continuation_log_likelihoods(model, sequences, batch_tokens=64)
+    finally:
+        handle.remove()
+    assert rows_seen == [1] * len(sequences) and nonfinite == 0
+    torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-6)
