@@ -248,9 +248,12 @@ class BaselineLogProbs:
 
     Build it once per run and pass it to ``evaluate`` for every scheme. Three ways to hold them:
 
-    - ``path`` given (what a spec run does): stored once in a float16 ``.npy`` file, memory-mapped and
-      read back window batch by window batch, so every scheme costs one forward pass (its own) whatever
-      the split's length. The file is written under a temporary name and renamed into place, so a
+    - ``path`` given (what a spec run does): stored once in a float16 ``.npy`` file and read back window
+      batch by window batch, so every scheme costs one forward pass (its own) whatever the split's
+      length. It is written and read with plain file I/O at each window's offset, not through a memory
+      mapping: a mapping's pages count in the process's resident set as they are touched, so reading
+      the file through one grew a run's RSS by the whole file (SmolLM2, 8 x 512 tokens: 400 MB; 32,768
+      tokens: 3.2 GB) although the data was needed a window at a time. The file is written under a temporary name and renamed into place, so a
       half-written file is never read; an existing file of the right shape is reused without running
       the baseline at all. KL and the paired statistics are then computed in float32 against
       float16-rounded baseline log-probs (``STORED_DTYPE``), renormalised; top-1 agreement uses the
@@ -272,7 +275,7 @@ class BaselineLogProbs:
         n_windows, seq_len = self.windows.shape
         self.shape = (n_windows, seq_len - 1, model.vocab_size)
         self.cached: Optional[torch.Tensor] = None                          # (W, T-1, V) when cached
-        self.stored: Optional[np.ndarray] = None                            # (W, T-1, V) float16 memmap
+        self.stored: Optional[np.ndarray] = None                            # (W, T-1, V) float16, mapped, unread
         self.stored_top1: Optional[np.ndarray] = None                       # (W, T-1) int32, exact argmax
         if self.path is not None and n_windows * (seq_len - 1) * model.vocab_size * 2 > max_file_bytes:
             self.path = None   # too large to store: fall back to memory or recomputation below
@@ -302,8 +305,9 @@ class BaselineLogProbs:
         return self.path.with_name(self.path.name.replace(".npy", "") + ".top1.npy")
 
     def _open(self) -> tuple[Optional[np.ndarray], Optional[np.ndarray]]:
-        """The stored log-probs and argmax tokens memory-mapped read-only, or (None, None) when absent or
-        not this plan's shape. The log-probs file is renamed into place last, so it stands for both."""
+        """The stored log-probs and argmax tokens as read-only memory maps (their shape, dtype and data
+        offset: rows are read from the files by _read_rows), or (None, None) when absent or not this
+        plan's shape. The log-probs file is renamed into place last, so it stands for both."""
         try:
             stored = np.load(self.path, mmap_mode="r")
             top1 = np.load(self.top1_path, mmap_mode="r")
@@ -321,21 +325,21 @@ class BaselineLogProbs:
         tmp_top1 = self.top1_path.with_name(f"{self.top1_path.name}.{os.getpid()}.tmp")
         place(self.model, self.device)
         try:
-            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=STORED_DTYPE, shape=self.shape)
-            top1 = np.lib.format.open_memmap(tmp_top1, mode="w+", dtype=np.int32, shape=self.shape[:2])
-            with torch.inference_mode():   # around the loop: the logits are computed as it asks for them
-                for start, _, logits in window_logits(self.model, self.windows, batch_size, self.device):
-                    chunk = windows_per_chunk(self.shape[1] + 1, self.shape[2])   # as run_windows does
-                    for i in range(0, len(logits), chunk):
-                        log_probs = next_token_log_probs(logits[i:i + chunk])                 # (n, T-1, V)
-                        out[start + i:start + i + len(log_probs)] = log_probs.to(torch.float16).cpu().numpy()
-                        # The argmax of the float32 log-probs: float16 rounding can tie near-equal top tokens.
-                        top1[start + i:start + i + len(log_probs)] = \
-                            log_probs.argmax(-1).to(torch.int32).cpu().numpy()
-                    del logits
-            out.flush()
-            top1.flush()
-            del out, top1
+            with open(tmp, "wb") as out, open(tmp_top1, "wb") as top1:
+                _write_npy_header(out, STORED_DTYPE, self.shape)
+                _write_npy_header(top1, np.int32, self.shape[:2])
+                written = 0   # windows come in order: each chunk is appended
+                with torch.inference_mode():   # around the loop: the logits are computed as it asks for them
+                    for start, _, logits in window_logits(self.model, self.windows, batch_size, self.device):
+                        chunk = windows_per_chunk(self.shape[1] + 1, self.shape[2])   # as run_windows does
+                        for i in range(0, len(logits), chunk):
+                            assert start + i == written, "window_logits yields the windows in order"
+                            log_probs = next_token_log_probs(logits[i:i + chunk])             # (n, T-1, V)
+                            log_probs.to(torch.float16).cpu().numpy().tofile(out)
+                            # The argmax of the float32 log-probs: float16 rounding can tie near-equal top tokens.
+                            log_probs.argmax(-1).to(torch.int32).cpu().numpy().tofile(top1)
+                            written += len(log_probs)
+                        del logits
             os.replace(tmp_top1, self.top1_path)
             os.replace(tmp, self.path)          # last: its presence means both files are complete
         finally:
@@ -353,7 +357,7 @@ class BaselineLogProbs:
         """Log-probs (B, T-1, V) float32 on the plan's device for ``windows``, rows start..start+B of the plan."""
         self.check_windows(start, windows)
         if self.stored is not None:
-            rows = np.array(self.stored[start:start + len(windows)])         # a writable float16 copy
+            rows = _read_rows(self.stored, start, len(windows))               # (B, T-1, V) float16
             # Renormalised in float32: rounding leaves sum(exp) a little off 1, and that offset, not the
             # rounding itself, is most of the KL the stored file would add (measured on MiniGPT: 3.6e-7
             # per position before, the fp16 scheme's own KL is 1.8e-7).
@@ -370,9 +374,26 @@ class BaselineLogProbs:
     def top1_for_windows(self, start: int, reference: torch.Tensor) -> torch.Tensor:
         """The baseline's argmax tokens (B, T-1) for rows start..start+B: exact (from float32) when stored."""
         if self.stored_top1 is not None:
-            rows = np.array(self.stored_top1[start:start + len(reference)])
+            rows = _read_rows(self.stored_top1, start, len(reference))        # (B, T-1) int32
             return torch.from_numpy(rows).to(reference.device).long()
         return reference.argmax(-1)
+
+
+def _write_npy_header(file, dtype, shape: tuple) -> None:
+    """The .npy header of a C-order array of ``dtype`` and ``shape``: its data is then appended."""
+    np.lib.format.write_array_header_1_0(
+        file, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": shape})
+
+
+def _read_rows(stored: np.memmap, start: int, n: int) -> np.ndarray:
+    """Rows start..start+n of a stored .npy array, read from its file into memory of their own (a
+    writable copy), not through the mapping (see BaselineLogProbs: the mapping's pages would stay
+    counted in this process's resident set)."""
+    n = max(0, min(n, stored.shape[0] - start))
+    row = int(np.prod(stored.shape[1:], dtype=np.int64))
+    rows = np.fromfile(stored.filename, dtype=stored.dtype, count=n * row,
+                       offset=stored.offset + start * row * stored.dtype.itemsize)
+    return rows.reshape((n, *stored.shape[1:]))
 
 
 # ----------------------------------------------------------------------------------------------

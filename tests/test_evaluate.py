@@ -4,6 +4,8 @@ import copy
 import gc
 import json
 import math
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +17,7 @@ from torch.nn import functional as F
 from quantlab.data.tasks import MCItem
 from quantlab.evaluate import (
     METRIC_KEYS, BaselineLogProbs, EvalPlan, continuation_log_likelihoods, choice_sequences, evaluate,
-    kl_divergence, length_batches, make_windows, nan_count, perplexity, task_accuracy,
+    kl_divergence, length_batches, make_windows, nan_count, next_token_log_probs, perplexity, task_accuracy,
 )
 from quantlab.models.base import LanguageModel
 from quantlab.models.minigpt import wrap
@@ -404,6 +406,34 @@ def test_evaluate_keeps_per_window_means_per_item_correctness_and_the_paired_sta
 
 # ---------------------------------------------------------------------------------------------
 # The baseline's log-probs stored once in a float16 file
+
+
+def mapped_resident_kb(path: Path) -> int:
+    """This process's resident kB of its memory mappings of ``path`` (/proc/self/smaps)."""
+    total, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", line):
+            inside = line.endswith(str(path))
+        elif inside and line.startswith("Rss:"):
+            total += int(line.split()[1])
+    return total
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux's /proc/self/smaps")
+def test_stored_baseline_is_read_a_window_at_a_time_not_kept_resident_through_a_mapping(make_minigpt, tmp_path):
+    # Pages of a memory-mapped file count in the resident set once touched: reading the stored log-probs
+    # through the mapping left the whole file resident, however few windows were in use at a time.
+    baseline = make_minigpt()
+    plan = EvalPlan(random_bytes(64 * 5), seq_len=64, batch_size=2, kl=True)
+    path = tmp_path / "base.npy"
+    prepared = BaselineLogProbs(baseline, plan, path=path)
+    result = evaluate(perturbed(baseline, seed=0), plan, prepared)
+    assert result["kld_mean"] > 0 and prepared.stored is not None
+    assert mapped_resident_kb(path) == 0 and mapped_resident_kb(prepared.top1_path) == 0
+    rows = prepared.for_windows(3, plan.windows()[3:5])        # the rows asked for, read from the file
+    with torch.inference_mode():
+        expected = next_token_log_probs(baseline.logits(plan.windows()[3:5]))
+    assert rows.shape == expected.shape and (rows - expected).abs().max() < 1e-2
 
 
 def test_stored_baseline_runs_the_baseline_once_for_any_number_of_schemes(make_minigpt, tmp_path):
