@@ -44,7 +44,7 @@ from torch.nn import functional as F
 from quantlab import statistics
 from quantlab.metrics import FAMILIES, METRICS, ppl_gap
 from quantlab.models.base import LanguageModel
-from quantlab.offload import block_major_logits, is_placeholder, offload_of
+from quantlab.offload import is_placeholder, offload_of, resident
 from quantlab.results import finite as finite_or_none
 
 # Per-window means kept in each scheme's result, so two schemes can be compared window by window.
@@ -66,6 +66,12 @@ DEFAULT_MAX_FILE_BYTES = 2 << 30
 # Vocabulary-wide float32 log-probs are the largest tensors evaluation makes (SmolLM2: 100 MB per 512-token
 # window); they are computed for as many windows of a batch at a time as fit in this, at least one.
 LOG_PROBS_CHUNK_BYTES = 64 << 20
+
+
+# A model that names its head is evaluated block-major (window_logits): the hidden states of every window
+# of a pass are held at once, up to this many bytes (SmolLM2 on 65,536 tokens: 151 MB); more windows make
+# more passes. An offloaded model takes all windows in one pass, so that each block is read once.
+BLOCK_STATES_BYTES = 256 << 20
 
 
 def windows_per_chunk(seq_len: int, vocab_size: int) -> int:
@@ -468,29 +474,58 @@ def window_logits(model: LanguageModel, windows: torch.Tensor, batch_size: int, 
     """(start, windows, logits (n, T, V)) for consecutive rows of ``windows``, as ``model.logits`` on
     batches of ``batch_size`` windows gives them.
 
-    A model with a separate head (a transformers model's final norm and lm_head) runs each batch through
-    its blocks and then its head on as many windows at a time as windows_per_chunk allows, so no batch's
-    logits exist at once (SmolLM2's (8, 512, 49152) float32 logits are 805 MB). A model whose blocks are
-    read on demand (quantlab.offload) runs every batch through one block before the next is read, then
-    its head the same way, so each block is read once per pass. Other models yield a batch's logits."""
-    head_windows = windows_per_chunk(windows.shape[1], model.vocab_size)
-    if offload_of(model) is not None:
-        yield from block_major_logits(model, windows, batch_size, head_windows, device)
-        return
-    has_head = bool(getattr(model, "head_names", ()))
-    for start in range(0, len(windows), batch_size):
-        batch = windows[start:start + batch_size]
-        if not has_head or head_windows >= len(batch):
+    A model that names its head (``head_names``: MiniGPT's and a transformers model's final norm and LM
+    head) is run block-major (block_major_logits): each block's weights are then swapped in (a
+    quantization, quantlab.swap) or read (an offloaded model, quantlab.offload) once per pass rather than
+    once per batch, and its head runs on as many windows at a time as windows_per_chunk allows, so no
+    batch's logits exist at once (SmolLM2's (8, 512, 49152) float32 logits are 805 MB). Other models
+    yield a batch's logits."""
+    if not model.head_names:
+        for start in range(0, len(windows), batch_size):
+            batch = windows[start:start + batch_size]
             yield start, batch, model.logits(batch.to(device))
-            continue
+        return
+    head_windows = windows_per_chunk(windows.shape[1], model.vocab_size)
+    state_bytes = None if offload_of(model) is not None else BLOCK_STATES_BYTES
+    yield from block_major_logits(model, windows, batch_size, head_windows, device, state_bytes)
+
+
+def block_major_logits(model: LanguageModel, windows: torch.Tensor, batch_size: int, head_windows: int,
+                       device: str = "cpu", state_bytes: Optional[int] = None):
+    """(start, windows, logits) for consecutive rows of ``windows``, as a window batch's model.logits
+    would give them, computed block-major: every batch of a pass through block 0, then block 1 (held
+    once: see ``holding``), and so on, then the head on ``head_windows`` windows at a time. Batches are
+    ``batch_size`` windows, as in a batch-by-batch pass, so each block computes on the same shapes and
+    gives the same numbers. A pass takes batches until their hidden states reach ``state_bytes`` (None:
+    every window in one pass)."""
+    first = 0
+    while first < len(windows):
+        starts, states, held = [], [], 0
         with torch.inference_mode():
-            hidden, kwargs = model.block_inputs(batch.to(device))
+            while first < len(windows) and (state_bytes is None or not states or held < state_bytes):
+                hidden, kwargs = model.block_inputs(windows[first:first + batch_size].to(device))
+                starts.append(first)
+                states.append((hidden, kwargs))
+                held += hidden.numel() * hidden.element_size()
+                first += batch_size
             for b in range(len(model.blocks)):
-                hidden = model.run_block(b, hidden, kwargs)
-        for i in range(0, len(batch), head_windows):
-            with torch.inference_mode():
-                logits = model.head(hidden[i:i + head_windows])
-            yield start + i, batch[i:i + head_windows], logits
+                with holding(model, b):
+                    states = [(model.run_block(b, hidden, kwargs), kwargs) for hidden, kwargs in states]
+        for start, (hidden, _) in zip(starts, states):
+            for i in range(0, len(hidden), head_windows):
+                part = hidden[i:i + head_windows]
+                with torch.inference_mode():
+                    logits = model.head(part)
+                yield start + i, windows[start + i:start + i + len(part)], logits
+        del states
+
+
+def holding(model: LanguageModel, block_index: int):
+    """A context in which block ``block_index`` of ``model`` is ready to run batch after batch: a
+    quantization's values swapped in once (quantlab.swap.SwappedModel.holding), an offloaded model's
+    block read once (quantlab.offload.resident); nothing to do for a float model held whole."""
+    hold = getattr(model, "holding", None)
+    return hold(block_index) if hold is not None else resident(model, block_index)
 
 
 def place(model: LanguageModel, device: str) -> None:

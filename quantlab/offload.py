@@ -9,9 +9,9 @@ left, so at any time only the blocks being computed (one, or two while a hook ne
 
 - calibration (quantlab.calibrate) quantizes block by block already; it holds each block resident
   (``resident(model, b)``) for the whole of that block's step;
-- evaluation (quantlab.evaluate) runs every window through one block before the next is loaded
-  (``block_major_logits``): all windows' hidden states are small beside the weights, and each block is
-  read once per evaluation; the head then runs on a few windows at a time, so no whole set's logits exist;
+- evaluation (quantlab.evaluate.block_major_logits) runs every window through one block before the next
+  is loaded: all windows' hidden states are small beside the weights, and each block is read once per
+  evaluation; the head then runs on a few windows at a time, so no whole set's logits exist;
 - any other call (``model.logits``, task scoring) still works: each block is loaded as it is called and
   dropped when it returns (a forward pre-hook and hook on every block), at the price of reading the
   checkpoint once per call.
@@ -328,24 +328,6 @@ def resident(model, block_index: int):
     """A context holding block ``block_index`` of ``model`` in memory; nothing to do for a model held whole."""
     offload = offload_of(model)
     return offload.resident(block_index) if offload is not None else contextlib.nullcontext()
-
-
-def block_major_logits(model, windows: torch.Tensor, batch_size: int, head_windows: int,
-                       device: Union[str, torch.device] = "cpu") -> Iterator[tuple]:
-    """(start, windows, logits) for consecutive rows of ``windows``, as a window batch's model.logits
-    would give them, computed block-major: every batch through block 0, then block 1 (loaded once),
-    and so on, then the head on ``head_windows`` windows at a time. Batches are ``batch_size`` windows,
-    as in the ordinary pass, so each block computes on the same shapes."""
-    with torch.inference_mode():
-        starts = range(0, len(windows), batch_size)
-        states = [model.block_inputs(windows[s:s + batch_size].to(device)) for s in starts]
-        for b in range(len(model.blocks)):
-            with resident(model, b):
-                states = [(model.run_block(b, hidden, kwargs), kwargs) for hidden, kwargs in states]
-        for start, (hidden, _) in zip(starts, states):
-            for i in range(0, len(hidden), head_windows):
-                part = hidden[i:i + head_windows]
-                yield start + i, windows[start + i:start + i + len(part)], model.head(part)
 
 
 # ----------------------------------------------------------------------------------------------

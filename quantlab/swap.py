@@ -23,6 +23,8 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
+from quantlab.offload import resident
+
 # parameter name (as in module.named_parameters()) -> a function of the float parameter's data giving
 # the values to compute with (same shape; the function places them on its device and dtype)
 Values = dict[str, Callable[[torch.Tensor], torch.Tensor]]
@@ -53,6 +55,7 @@ class SwappedModel:
                         for block in base.blocks]
         # The rest: swapped for the whole call into the model.
         self._outside = [params[name] for name in values if id(params[name]) not in in_blocks]
+        self._held: set[int] = set()   # blocks whose values are in for a while (``holding``)
 
     def __getattr__(self, name: str):
         return getattr(self.base, name)
@@ -65,16 +68,38 @@ class SwappedModel:
         # One block computes with its own parameters alone (what else it needs comes in ``kwargs``), so
         # only its modules are swapped: a pass that calls run_block per block then converts the values
         # outside the blocks (the embeddings, the head) once, in block_inputs and head, not per block.
+        if block_index in self._held:
+            return self.base.run_block(block_index, hidden, kwargs)
         with self._swapped(blocks=[block_index], outside=False):
             return self.base.run_block(block_index, hidden, kwargs)
 
     def block_inputs(self, tokens: torch.Tensor):
-        with self._swapped():
+        # No block runs here (LanguageModel.block_inputs stands in for them): only the values outside.
+        with self._swapped(blocks=()):
             return self.base.block_inputs(tokens)
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
-        with self._swapped():
+        with self._swapped(blocks=()):
             return self.base.head(hidden)
+
+    @contextlib.contextmanager
+    def holding(self, block_index: int) -> Iterator[None]:
+        """Block ``block_index`` computes with the values for the whole of the context, swapped in once
+        (its weights exist twice meanwhile), where each run_block would otherwise swap them in and out:
+        for a pass that runs every batch through one block before the next (quantlab.evaluate's
+        block-major pass). An offloaded base's block is held in memory too, and read first."""
+        owned = [p for _, params in self._owners[block_index] for p in params]
+        with resident(self.base, block_index):
+            saved = [(p, p.data) for p in owned]
+            try:
+                for p in owned:
+                    p.data = self._wanted[id(p)](p.data)
+                self._held.add(block_index)
+                yield
+            finally:
+                self._held.discard(block_index)
+                for p, data in saved:
+                    p.data = data
 
     @contextlib.contextmanager
     def _swapped(self, blocks=None, outside: bool = True) -> Iterator[None]:

@@ -636,3 +636,41 @@ def test_task_scoring_gets_a_models_logits_a_chunk_of_sequences_at_a_time(monkey
         handle.remove()
     assert rows_seen == [1] * len(sequences) and nonfinite == 0
     torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-6)
+
+
+def test_block_major_logits_are_a_batch_by_batch_forwards_to_the_bit(make_minigpt):
+    # The same blocks on the same batch shapes: MiniGPT's golden perplexities rest on this.
+    from quantlab import evaluate as evaluation
+    from quantlab.calibrate import quantize_model
+    from quantlab.quant import Scheme
+
+    model = make_minigpt()
+    windows = random_bytes(64 * 5).reshape(5, 64)
+    for computed in (model, quantize_model(model, Scheme(4, group_size=16), None).model):
+        parts = list(evaluation.window_logits(computed, windows, batch_size=2, device="cpu"))
+        assert [(start, len(batch)) for start, batch, _ in parts] == [(0, 2), (2, 2), (4, 1)]
+        with torch.inference_mode():
+            for start, batch, logits in parts:
+                assert torch.equal(logits, computed.logits(batch))
+
+
+def test_an_evaluation_swaps_each_blocks_values_in_once_per_pass(monkeypatch, make_minigpt):
+    from quantlab import evaluate as evaluation
+    from quantlab.swap import SwappedModel
+
+    model = make_minigpt()
+    name = model.linear_names(1)[0] + ".weight"
+    calls = []
+    swapped = SwappedModel(model, {name: lambda data: calls.append(1) or data * 0.5})
+    plan = EvalPlan(random_bytes(64 * 6), seq_len=64, batch_size=2)                   # 6 windows, 3 batches
+    once = evaluate(swapped, plan)
+    assert len(calls) == 1
+    # Passes of two batches' hidden states (each batch's are 2 x 64 x C float32): two passes, two swaps.
+    monkeypatch.setattr(evaluation, "BLOCK_STATES_BYTES", 2 * 2 * 64 * model.module.config.n_embd * 4)
+    calls.clear()
+    twice = evaluate(swapped, plan)
+    assert len(calls) == 2 and twice["ppl"] == once["ppl"]
+    with torch.inference_mode():                                  # ... and what a swap per call computes
+        nll = [F.cross_entropy(swapped.logits(w[None])[0, :-1], w[1:]) for w in plan.windows()]
+    assert once["ppl"] == pytest.approx(math.exp(float(torch.stack(nll).mean())), rel=1e-5)
+    assert all(not p.is_inference() for p in model.module.parameters())

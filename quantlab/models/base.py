@@ -42,6 +42,10 @@ class LanguageModel:
     max_seq_len: int          # longest window the model reads; UNBOUNDED_CONTEXT when it sets no limit
     tokenizer: dict = field(default_factory=dict)  # how text becomes tokens: for the fingerprint
     source: dict = field(default_factory=dict)     # where the weights came from (path, sha256, notes)
+    # The modules turning the last block's output into logits, in call order (a final norm, the LM head):
+    # with them, ``block_inputs``, ``run_block`` and ``head`` compute what ``logits`` does a piece at a
+    # time. Empty when the model does not say: only ``logits`` is then used.
+    head_names: tuple = ()
 
     # --- to provide in subclasses -----------------------------------------------------------
     def logits(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -120,6 +124,14 @@ class LanguageModel:
             for block in self.blocks:
                 del block.forward
         return hidden[0], BlockKwargs(tuple(by_block))
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(B, T, C) output of the last block -> (B, T, V) float32 logits, through ``head_names``."""
+        if not self.head_names:
+            raise NotImplementedError(f"{self.name} does not name its head modules (head_names)")
+        for name in self.head_names:
+            hidden = self.module.get_submodule(name)(hidden)
+        return hidden.float()
 
     def run_block(self, block_index: int, hidden: torch.Tensor, kwargs) -> torch.Tensor:
         """Block ``block_index`` on ``hidden``, given ``kwargs``: a BlockKwargs (its own arguments

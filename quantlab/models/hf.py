@@ -27,18 +27,11 @@ class HFModel(LanguageModel):
     """A transformers causal LM and its tokenizer. The module is in eval mode with gradients off."""
 
     hf_tokenizer: Any = None            # the transformers tokenizer; read-only, so copies may share it
-    head_names: tuple[str, ...] = ()    # modules turning the last block's output into logits, in call order
     offload: Any = None                 # quantlab.offload.BlockOffload when blocks are read on demand, else None
 
     def logits(self, tokens: torch.Tensor) -> torch.Tensor:
         # No KV cache: every call is one full causal pass over the window.
         return self.module(input_ids=tokens, use_cache=False).logits.float()  # (B, T, V)
-
-    def head(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(B, T, C) output of the last block -> (B, T, V) float32 logits."""
-        for name in self.head_names:
-            hidden = self.module.get_submodule(name)(hidden)
-        return hidden.float()
 
     def encode(self, text: str) -> torch.Tensor:
         # No BOS/EOS: evaluation windows are cut from one long token stream and must not depend on

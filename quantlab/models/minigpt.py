@@ -122,6 +122,7 @@ def wrap(module: MiniGPT, name: str = "minigpt", source: dict | None = None) -> 
         name=name, module=module, blocks=module.blocks, vocab_size=module.config.vocab_size,
         max_seq_len=module.config.block_size,
         tokenizer={"kind": "bytes", "encoding": "utf-8", "bos": None}, source=source or {},
+        head_names=("ln_f", "lm_head"),
     )
 
 
