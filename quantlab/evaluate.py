@@ -259,11 +259,11 @@ class BaselineLogProbs:
       length. It is written and read with plain file I/O at each window's offset, not through a memory
       mapping: a mapping's pages count in the process's resident set as they are touched, so reading
       the file through one grew a run's RSS by the whole file (SmolLM2, 8 x 512 tokens: 400 MB; 32,768
-      tokens: 3.2 GB) although the data was needed a window at a time. The file is written under a temporary name and renamed into place, so a
-      half-written file is never read; an existing file of the right shape is reused without running
-      the baseline at all. KL and the paired statistics are then computed in float32 against
-      float16-rounded baseline log-probs (``STORED_DTYPE``), renormalised; top-1 agreement uses the
-      baseline's exact argmax, stored beside them. The floor this sets (the baseline against its own
+      tokens: 3.2 GB) although the data was needed a window at a time. The file is written under a
+      temporary name and renamed into place, so a half-written file is never read; an existing file
+      of the right shape is reused without running the baseline at all. KL and the paired statistics
+      are then computed in float32 against float16-rounded baseline log-probs (``STORED_DTYPE``),
+      renormalised; top-1 agreement uses the baseline's exact argmax, stored beside them. The floor this sets (the baseline against its own
       file, MiniGPT: KL 9e-8, ppl_gap 2e-6) is far below any integer scheme's standard errors but not
       below an fp16 scheme's own KL (1.8e-7). A file larger than ``max_file_bytes`` is not written:
       the two rules below apply instead.

@@ -10,7 +10,10 @@ it computes:
   back when it returns (blocks call their submodules, so this always takes effect), so at most one
   module's weights exist twice at any time;
 - any other parameter (embeddings, the final norm, the head: some models read these directly rather than
-  by calling the module) is swapped in for the whole call into the model.
+  by calling the module) is swapped in for the whole call into the model;
+- a pass that runs every batch through one block before the next (quantlab.evaluate's block-major
+  evaluation) holds that block's values in for all of its batches (``SwappedModel.holding``), so they
+  are computed once per pass rather than once per batch.
 
 Outside a call the float model is exactly as it was, so any number of quantizations of one model can be
 evaluated one after another, including a baseline computed between another scheme's batches.
