@@ -14,7 +14,9 @@ For INT4 g64 GPTQ (plain, and act-order + static groups) it prints:
 - Hessian seconds: accumulating H = X^T X / n, 2 x tokens x in^2 flops per input group, which for a
   Llama block (the down projection reads the 3x wider MLP activations) is about as many flops as the
   block's forward pass, so about one pass of the total whatever the pipeline;
-- the process's peak RSS.
+- the process's peak RSS and page faults; ``--trim-budget-mib`` sets how much freed memory the paused
+  block runs may keep before it is handed back (quantlab.paused.RETAINED_BYTES): 0 trims at every pause
+  that grew the resident set, which costs page faults; a large budget, memory.
 Speeds are ratios to the reference pass, with seconds beside them: machines differ, ratios less so.
 """
 from __future__ import annotations
@@ -105,13 +107,19 @@ def main(argv=None) -> None:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--configurations", nargs="+", choices=sorted(CONFIGURATIONS), default=sorted(CONFIGURATIONS))
+    parser.add_argument("--trim-budget-mib", type=int, default=None,
+                        help="freed memory the paused runs may keep (default: quantlab.paused.RETAINED_BYTES)")
     args = parser.parse_args(argv)
+    if args.trim_budget_mib is not None:
+        from quantlab import paused
+        paused.RETAINED_BYTES = args.trim_budget_mib << 20
 
     model = load_model(MODELS[args.model])
     seq_len = min(args.seq_len, model.max_seq_len)
     calibration = calibration_windows(model.encode(load_text("shakespeare", "train")), args.windows, seq_len, 0)
+    from quantlab import paused
     print(f"{model.name}: {calibration.shape[0]} x {calibration.shape[1]} calibration tokens, batch {args.batch_size}, "
-          f"{torch.get_num_threads()} torch threads")
+          f"{torch.get_num_threads()} torch threads, trim budget {paused.RETAINED_BYTES >> 20} MiB")
     reference_seconds, one_pass = reference_pass(model, calibration, args.batch_size)
     print(f"reference: one forward pass through the blocks {reference_seconds:.1f} s")
     print(f"{'configuration':26} {'quantize s':>10} {'x pass':>7} {'passes':>7} {'hessian s':>9} {'solve s':>8} "

@@ -49,7 +49,7 @@ from quantlab.awq import awq_search, scaled_hessian
 from quantlab.mixed import MixedScheme, plan_mixed
 from quantlab.quant import FLOAT_DTYPES, FloatScheme, QTensor, Scheme, quantize_rtn, scale_shrinks, shrink_counts
 from quantlab.offload import TensorStore, offload_of, resident
-from quantlab.paused import Batch, PausedRun
+from quantlab.paused import Batch, PausedRun, RetainedMemory
 from quantlab.swap import SwappedModel, Values, materialize
 
 # How a scheme's values are chosen: a float scheme is a cast ("float"); an integer scheme's codes come
@@ -514,11 +514,13 @@ def _quantize_block_in_one_pass(quantized: QuantizedModel, block_index: int, gro
     what happens between groups. The inputs and Hessians are those of ``_quantize_block_by_reruns``,
     accumulated in the same batch order, so the codes are the same (tests/test_calibrate.py).
     The price is memory: every batch's paused activations are alive at once (about what the group's
-    inputs for the whole calibration set take).
+    inputs for the whole calibration set take), and the runs' threads keep up to paused.RETAINED_BYTES
+    of what they free before it is handed back.
     """
     model = quantized.base
     group_of = {model.module.get_submodule(name): g for g, group in enumerate(groups) for name in group.names}
-    runs = [PausedRun(model, block_index, batch) for batch in calibration_batches + heldout_batches]
+    memory = RetainedMemory()   # the runs' freed memory, handed back once past its budget
+    runs = [PausedRun(model, block_index, batch, memory) for batch in calibration_batches + heldout_batches]
     calibration_runs, heldout_runs = runs[:len(calibration_batches)], runs[len(calibration_batches):]
     phase = 0   # the group being collected and quantized
 

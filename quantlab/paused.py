@@ -12,6 +12,7 @@ import ctypes
 import ctypes.util
 import functools
 import math
+import os
 import threading
 from typing import Optional
 
@@ -22,17 +23,52 @@ from quantlab.models.base import LanguageModel
 Batch = tuple  # (hidden (B, T, C), kwargs): what one block receives for one batch of token windows
 
 
+# How far the resident set may grow past what the last trim left before the paused runs' freed memory
+# is handed back (RetainedMemory). benchmarks/bench_calibrate.py --trim-budget-mib measures the trade:
+# trimming after every pause re-faults each batch's transient memory page by page, a tenth of a GPTQ run.
+RETAINED_BYTES = 512 << 20
+
+
 def return_free_memory() -> None:
-    """Hand the memory freed by the run that just paused back to the system (glibc's malloc_trim).
+    """Hand the memory the process has freed back to the system (glibc's malloc_trim).
 
     glibc gives each thread its own malloc arena and keeps what a thread frees for that thread's later
     use, so with one thread per batch every batch's transient peak (attention, MLP intermediates) would
     stay resident at once. Measured on SmolLM2 (GPTQ, 4 batches of 8 x 512 tokens): peak RSS 720 MB above
-    the loaded model without this call, growing with the calibration set; none above it with the call,
-    which costs microseconds. A no-op where the C library has no malloc_trim."""
+    the loaded model without trimming, growing with the calibration set. The call itself costs
+    microseconds; the price is that memory used again afterwards is faulted back in page by page.
+    A no-op where the C library has no malloc_trim."""
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
+
+
+def resident_bytes() -> Optional[int]:
+    """This process's resident set in bytes (Linux /proc/self/statm), or None where it cannot be read."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+
+
+class RetainedMemory:
+    """Trims the C heap (return_free_memory) only once the resident set has grown more than ``budget``
+    bytes past what the last trim left, so the freed memory the paused runs' arenas keep is bounded by
+    the budget without being faulted back in after every pause. Where the resident set cannot be read
+    it trims every time."""
+
+    def __init__(self, budget: Optional[int] = None):
+        self.budget = RETAINED_BYTES if budget is None else budget
+        self.floor = resident_bytes()
+        self.trims = 0
+
+    def release_if_over_budget(self) -> None:
+        now = resident_bytes()
+        if now is None or self.floor is None or now > self.floor + self.budget:
+            return_free_memory()
+            self.trims += 1
+            self.floor = resident_bytes()
 
 
 @functools.lru_cache(maxsize=1)
@@ -60,7 +96,8 @@ class PausedRun:
     NOT_STARTED, DONE = -1, math.inf
     _local = threading.local()   # which run, if any, the current thread is
 
-    def __init__(self, model: LanguageModel, block_index: int, batch: Batch):
+    def __init__(self, model: LanguageModel, block_index: int, batch: Batch, memory: RetainedMemory):
+        self.memory = memory    # shared by the runs of a block: trims what they free, past its budget
         self.position = self.NOT_STARTED   # the group index it is paused at; DONE when it has finished
         self.inputs: dict = {}               # group index -> the input tensor it stopped at
         self.output: Optional[torch.Tensor] = None
@@ -104,7 +141,7 @@ class PausedRun:
         else:
             self._go.release()
         self._stopped.acquire()
-        return_free_memory()
+        self.memory.release_if_over_budget()
         if self._error is not None:
             raise self._error
 

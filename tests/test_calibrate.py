@@ -9,7 +9,8 @@ from torch.nn import functional as F
 
 from quantlab import calibrate
 from quantlab.calibrate import InputStatistics, _input_groups, quantize_model
-from quantlab.paused import PausedRun
+from quantlab import paused
+from quantlab.paused import PausedRun, RetainedMemory
 from quantlab.gptq import gptq_quantize, relative_loss
 from quantlab.models.base import LanguageModel
 from quantlab.models.minigpt import CHECKPOINT_DIR, load_checkpoint
@@ -414,6 +415,33 @@ def test_an_error_inside_a_paused_block_run_reaches_the_caller_and_leaves_no_run
     finally:
         handle.remove()
     assert not [t for t in threading.enumerate() if t.name.startswith("quantlab-block")]
+
+
+def test_retained_memory_hands_freed_memory_back_only_once_past_its_budget(monkeypatch):
+    readings = iter([1000, 1100, 1600, 1200, 1300, 1800, 1250])    # bytes resident, one per reading
+    trims = []
+    monkeypatch.setattr(paused, "resident_bytes", lambda: next(readings))
+    monkeypatch.setattr(paused, "return_free_memory", lambda: trims.append(True))
+    memory = RetainedMemory(budget=500)          # reads 1000: the floor
+    for expected_trims in (0, 1, 1, 2):          # reads 1100; 1600 > 1500 (then 1200); 1300; 1800 > 1700
+        memory.release_if_over_budget()
+        assert len(trims) == memory.trims == expected_trims
+    assert memory.floor == 1250                  # what the last trim left
+
+
+def test_paused_runs_trim_with_no_budget_and_never_within_a_large_one_for_the_same_codes(make_minigpt, monkeypatch):
+    model = make_minigpt()
+    trims = []
+    monkeypatch.setattr(paused, "return_free_memory", lambda: trims.append(True))
+    codes = {}
+    for budget in (0, 1 << 40):
+        trims.clear()
+        monkeypatch.setattr(paused, "RETAINED_BYTES", budget)
+        result = quantize_model(model, INT4_G16, random_tokens(4), method="gptq", batch_size=2)
+        codes[budget] = {name: q.codes for name, q in result.qtensors.items()}
+        # No budget: a trim whenever the resident set grew over a pause. A large one: never.
+        assert (len(trims) > 0) == (budget == 0)
+    assert all(torch.equal(codes[0][name], codes[1 << 40][name]) for name in codes[0])
 
 
 # ----------------------------------------------------------------------------------------------
