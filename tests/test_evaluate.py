@@ -18,6 +18,7 @@ from quantlab.data.tasks import MCItem
 from quantlab.evaluate import (
     METRIC_KEYS, BaselineLogProbs, EvalPlan, continuation_log_likelihoods, choice_sequences, evaluate,
     kl_divergence, length_batches, make_windows, nan_count, next_token_log_probs, perplexity, task_accuracy,
+    top1_agrees,
 )
 from quantlab.models.base import LanguageModel
 from quantlab.models.minigpt import wrap
@@ -197,6 +198,17 @@ def test_perturbed_model_has_positive_kl(make_minigpt):
     assert result["kld_mean"] > 0.01
     assert 0 < result["kld_median"] <= result["kld_p99"]
     assert result["top1_agreement"] < 1.0
+
+
+def test_top1_agreement_is_whether_the_baseline_argmax_is_the_models_argmax():
+    g = torch.Generator().manual_seed(0)
+    log_probs = F.log_softmax(torch.randn(4, 50, 32, generator=g), dim=-1)
+    baseline_top1 = F.log_softmax(log_probs + torch.randn(4, 50, 32, generator=g), dim=-1).argmax(-1)
+    agree = top1_agrees(log_probs, baseline_top1)
+    assert torch.equal(agree, log_probs.argmax(-1) == baseline_top1)
+    assert 0 < agree.float().mean() < 1                 # both outcomes occur above
+    tied = torch.zeros(1, 2, 4)                         # every token tied for the top: any one agrees
+    assert top1_agrees(tied, torch.tensor([[0, 3]])).all()
 
 
 def test_kl_between_successor_models_is_the_binary_kl_of_their_successor_probabilities():
