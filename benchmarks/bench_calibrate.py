@@ -96,6 +96,7 @@ def reference_pass(model, calibration: torch.Tensor, batch_size: int) -> tuple:
 
 
 def main(argv=None) -> None:
+    from quantlab import paused
     from quantlab.calibrate import quantize_model
     from quantlab.data import calibration_windows, load_text
     from quantlab.models.registry import load_model
@@ -111,13 +112,11 @@ def main(argv=None) -> None:
                         help="freed memory the paused runs may keep (default: quantlab.paused.RETAINED_BYTES)")
     args = parser.parse_args(argv)
     if args.trim_budget_mib is not None:
-        from quantlab import paused
         paused.RETAINED_BYTES = args.trim_budget_mib << 20
 
     model = load_model(MODELS[args.model])
     seq_len = min(args.seq_len, model.max_seq_len)
     calibration = calibration_windows(model.encode(load_text("shakespeare", "train")), args.windows, seq_len, 0)
-    from quantlab import paused
     print(f"{model.name}: {calibration.shape[0]} x {calibration.shape[1]} calibration tokens, batch {args.batch_size}, "
           f"{torch.get_num_threads()} torch threads, trim budget {paused.RETAINED_BYTES >> 20} MiB")
     reference_seconds, one_pass = reference_pass(model, calibration, args.batch_size)

@@ -49,7 +49,7 @@ from quantlab.awq import awq_search, scaled_hessian
 from quantlab.mixed import MixedScheme, plan_mixed
 from quantlab.quant import FLOAT_DTYPES, FloatScheme, QTensor, Scheme, quantize_rtn, scale_shrinks, shrink_counts
 from quantlab.offload import TensorStore, offload_of, resident
-from quantlab.paused import Batch, PausedRun, RetainedMemory
+from quantlab.paused import Batch, PausedRun, RetainedMemory, return_free_memory
 from quantlab.swap import SwappedModel, Values, materialize
 
 # How a scheme's values are chosen: a float scheme is a cast ("float"); an integer scheme's codes come
@@ -479,6 +479,9 @@ def _quantize_blocks(quantized: QuantizedModel, calibration, heldout, solver: di
                                                                    heldout_batches, solver)
             if offload_of(model) is not None:
                 quantized.replaced.update(_block_kept_values(model, b, set(quantized.qtensors), keep))
+    # What the block runs' threads kept of the memory they freed (up to paused.RETAINED_BYTES) goes back
+    # to the system once, at the end, rather than to evaluation or the next scheme.
+    return_free_memory()
 
 
 def _quantize_block(quantized: QuantizedModel, b: int, calibration_batches: list, heldout_batches: list,

@@ -24,8 +24,8 @@ Batch = tuple  # (hidden (B, T, C), kwargs): what one block receives for one bat
 
 
 # How far the resident set may grow past what the last trim left before the paused runs' freed memory
-# is handed back (RetainedMemory). benchmarks/bench_calibrate.py --trim-budget-mib measures the trade:
-# trimming after every pause re-faults each batch's transient memory page by page, a tenth of a GPTQ run.
+# is handed back (RetainedMemory). Trimming after every pause would fault each batch's transient memory
+# back in page by page; benchmarks/bench_calibrate.py --trim-budget-mib measures the trade.
 RETAINED_BYTES = 512 << 20
 
 
