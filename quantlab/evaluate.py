@@ -78,6 +78,19 @@ def windows_per_chunk(seq_len: int, vocab_size: int) -> int:
     """How many windows' (seq_len - 1, vocab_size) float32 log-probs fit in LOG_PROBS_CHUNK_BYTES (>= 1)."""
     return max(1, LOG_PROBS_CHUNK_BYTES // (max(seq_len - 1, 1) * vocab_size * 4))
 
+
+# Within a chunk, the positions are scored a piece at a time, each piece start to finish (log-softmax,
+# NLL, KL, top-1) while its vocabulary-wide tensors are still in the CPU's cache, rather than one tensor
+# operation after another over a whole window (SmolLM2: 100 MB each), which waits on memory at every
+# step: benchmarks/bench_evaluate.py --smollm2 measures it. Every operation works row by row (position
+# by position), so the numbers are those of one whole-window step, bit for bit.
+SCORE_PIECE_BYTES = 2 << 20
+
+
+def positions_per_piece(n_windows: int, vocab_size: int) -> int:
+    """How many positions of ``n_windows`` windows' float32 log-probs fit in SCORE_PIECE_BYTES (>= 1)."""
+    return max(1, SCORE_PIECE_BYTES // (max(n_windows, 1) * vocab_size * 4))
+
 # How the baseline's log-probs are stored on disk: float16, as llama.cpp's KL-divergence base file.
 STORED_DTYPE = np.float16
 
@@ -180,7 +193,12 @@ def make_windows(tokens: torch.Tensor, seq_len: int, max_tokens: Optional[int] =
 def next_token_log_probs(logits: torch.Tensor) -> torch.Tensor:
     """(B, T, V) logits -> (B, T-1, V) float32 log-probs of tokens 1..T-1 (the last position predicts
     past the window and is not scored)."""
-    return F.log_softmax(logits[:, :-1].float(), dim=-1)
+    return next_token_log_probs_of(logits[:, :-1])
+
+
+def next_token_log_probs_of(scored_logits: torch.Tensor) -> torch.Tensor:
+    """(B, P, V) logits of scored positions -> (B, P, V) float32 log-probs, position by position."""
+    return F.log_softmax(scored_logits.float(), dim=-1)
 
 
 def token_nll(log_probs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -368,16 +386,27 @@ class BaselineLogProbs:
 
     def for_windows(self, start: int, windows: torch.Tensor) -> torch.Tensor:
         """Log-probs (B, T-1, V) float32 on the plan's device for ``windows``, rows start..start+B of the plan."""
+        return self.log_probs_of(self.rows_for_windows(start, windows))
+
+    def rows_for_windows(self, start: int, windows: torch.Tensor) -> torch.Tensor:
+        """What is held for ``windows`` (rows start..start+B of the plan), (B, T-1, V) on the plan's device:
+        the stored float16 rows as read, or float32 log-probs (cached or computed). ``log_probs_of`` turns
+        any slice of them into log-probs, so a caller can read a window once and score it in pieces."""
         self.check_windows(start, windows)
         if self.stored is not None:
-            rows = _read_rows(self.stored, start, len(windows))               # (B, T-1, V) float16
-            # Renormalised in float32: rounding leaves sum(exp) a little off 1, and that offset, not the
-            # rounding itself, is most of the KL the stored file would add (measured on MiniGPT: 3.6e-7
-            # per position before, the fp16 scheme's own KL is 1.8e-7).
-            return torch.log_softmax(torch.from_numpy(rows).to(self.device).float(), dim=-1)
+            return torch.from_numpy(_read_rows(self.stored, start, len(windows))).to(self.device)
         if self.cached is not None:
             return self.cached[start:start + len(windows)].to(self.device)
         return self._compute(windows)
+
+    def log_probs_of(self, rows: torch.Tensor) -> torch.Tensor:
+        """Float32 log-probs of a slice of ``rows_for_windows``: stored float16 rows are renormalised in
+        float32, since rounding leaves sum(exp) a little off 1, and that offset, not the rounding itself,
+        is most of the KL the stored file would add (measured on MiniGPT: 3.6e-7 per position before,
+        the fp16 scheme's own KL is 1.8e-7). Float32 log-probs are returned as they are."""
+        if rows.dtype == torch.float32:
+            return rows
+        return torch.log_softmax(rows.float(), dim=-1)
 
     @property
     def recomputes(self) -> bool:
@@ -386,10 +415,14 @@ class BaselineLogProbs:
 
     def top1_for_windows(self, start: int, reference: torch.Tensor) -> torch.Tensor:
         """The baseline's argmax tokens (B, T-1) for rows start..start+B: exact (from float32) when stored."""
-        if self.stored_top1 is not None:
-            rows = _read_rows(self.stored_top1, start, len(reference))        # (B, T-1) int32
-            return torch.from_numpy(rows).to(reference.device).long()
-        return reference.argmax(-1)
+        stored = self.stored_top1_rows(start, len(reference))
+        return stored.to(reference.device) if stored is not None else reference.argmax(-1)
+
+    def stored_top1_rows(self, start: int, n: int) -> Optional[torch.Tensor]:
+        """The stored argmax tokens (n, T-1) of rows start..start+n, or None when nothing is stored."""
+        if self.stored_top1 is None:
+            return None
+        return torch.from_numpy(_read_rows(self.stored_top1, start, n)).long()
 
 
 def _write_npy_header(file, dtype, shape: tuple) -> None:
@@ -448,26 +481,11 @@ def run_windows(model: LanguageModel, plan: EvalPlan, baseline: Optional[Baselin
         # of that size are held, not of the whole batch; one window at a time for SmolLM2.
         chunk = windows_per_chunk(batch.shape[1], logits.shape[-1])
         for i in range(0, len(batch), chunk):
-            log_probs = next_token_log_probs(logits[i:i + chunk])              # (n, T-1, V)
-            targets = batch[i:i + chunk, 1:].to(plan.device)                   # (n, T-1)
-            nll.append(token_nll(log_probs, targets).cpu())
-            if baseline is None:
-                continue
-            # The baseline scored against itself is its own logits: exact (KL 0), not the stored float16
-            # copy, and no second read.
-            if baseline.model is model:
-                baseline.check_windows(start + i, batch[i:i + chunk])
-                reference = log_probs
-            elif recomputed is not None:
-                reference = recomputed[i:i + chunk]
-            else:
-                reference = baseline.for_windows(start + i, batch[i:i + chunk])   # (n, T-1, V)
-            if reference.shape[-1] != log_probs.shape[-1]:
-                raise ValueError(f"the baseline has {reference.shape[-1]} logits per position and the model "
-                                 f"{log_probs.shape[-1]}: KL divergence needs the same vocabulary")
-            baseline_nll.append(token_nll(reference, targets).cpu())
-            kld.append(kl_per_position(reference, log_probs).cpu())
-            agree.append(top1_agrees(log_probs, baseline.top1_for_windows(start + i, reference)).cpu())
+            scores = _score_chunk(model, logits[i:i + chunk], batch[i:i + chunk], start + i, plan.device,
+                                  baseline, None if recomputed is None else recomputed[i:i + chunk])
+            for column, part in zip((nll, baseline_nll, kld, agree), scores):
+                if part is not None:
+                    column.append(part)
         del logits, recomputed
     if plan.device.startswith("cuda"):
         torch.cuda.synchronize()  # kernels run asynchronously: time what ran, not what was queued
@@ -475,6 +493,42 @@ def run_windows(model: LanguageModel, plan: EvalPlan, baseline: Optional[Baselin
     return WindowPass(nll=torch.cat(nll), baseline_nll=_cat_or_none(baseline_nll), kld=_cat_or_none(kld),
                       top1_agree=_cat_or_none(agree), nonfinite_logits=nonfinite,
                       forward_tokens=windows.numel(), seconds=seconds)
+
+
+def _score_chunk(model: LanguageModel, logits: torch.Tensor, windows: torch.Tensor, start: int, device: str,
+                 baseline: Optional[BaselineLogProbs], recomputed: Optional[torch.Tensor]) -> tuple:
+    """(NLL, baseline NLL, KL, top-1 agreement), each (n, T-1) on the CPU (the last three None without a
+    baseline), of n windows (rows start..start+n of the plan) from their (n, T, V) logits, a piece of
+    positions at a time (positions_per_piece)."""
+    scored = logits[:, :-1]                                  # (n, T-1, V): the last position predicts past the window
+    targets = windows[:, 1:].to(device)                      # (n, T-1)
+    reference_rows = top1 = None
+    if baseline is not None:
+        if baseline.model is model:
+            # The baseline scored against itself is its own logits: exact (KL 0), not the stored float16
+            # copy, and no second read.
+            baseline.check_windows(start, windows)
+        else:
+            reference_rows = recomputed if recomputed is not None else baseline.rows_for_windows(start, windows)
+            if reference_rows.shape[-1] != scored.shape[-1]:
+                raise ValueError(f"the baseline has {reference_rows.shape[-1]} logits per position and the model "
+                                 f"{scored.shape[-1]}: KL divergence needs the same vocabulary")
+        top1 = baseline.stored_top1_rows(start, len(windows))
+    pieces = []
+    step = positions_per_piece(len(windows), scored.shape[-1])
+    for p in range(0, scored.shape[1], step):
+        piece = slice(p, p + step)
+        log_probs = next_token_log_probs_of(scored[:, piece])                # (n, piece, V)
+        nll = token_nll(log_probs, targets[:, piece])
+        if baseline is None:
+            pieces.append((nll.cpu(),))
+            continue
+        reference = log_probs if reference_rows is None else baseline.log_probs_of(reference_rows[:, piece])
+        top = top1[:, piece].to(device) if top1 is not None else reference.argmax(-1)
+        pieces.append((nll.cpu(), token_nll(reference, targets[:, piece]).cpu(),
+                       kl_per_position(reference, log_probs).cpu(), top1_agrees(log_probs, top).cpu()))
+    joined = tuple(torch.cat(parts, dim=1) for parts in zip(*pieces))
+    return joined + (None,) * (4 - len(joined))
 
 
 def window_logits(model: LanguageModel, windows: torch.Tensor, batch_size: int, device: str):

@@ -493,6 +493,31 @@ def test_a_half_written_baseline_file_is_never_read(make_minigpt, tmp_path):
     assert torch.allclose(stored.for_windows(0, plan.windows()), exact.cached, atol=4e-3)
 
 
+@pytest.mark.parametrize("baseline_kind", ["stored", "cached", "recomputed", "itself"])
+def test_positions_scored_in_pieces_give_the_whole_windows_numbers_bit_for_bit(make_minigpt, tmp_path, monkeypatch,
+                                                                               baseline_kind):
+    from quantlab import evaluate as evaluation
+
+    model = make_minigpt()
+    plan = EvalPlan(random_bytes(64 * 12), seq_len=64, batch_size=4)
+    baseline = {"stored": lambda: BaselineLogProbs(model, plan, path=tmp_path / "base.npy"),
+                "cached": lambda: BaselineLogProbs(model, plan),
+                "recomputed": lambda: BaselineLogProbs(model, plan, max_cached_bytes=0),
+                "itself": lambda: BaselineLogProbs(model, plan)}[baseline_kind]()
+    scheme = model if baseline_kind == "itself" else perturbed(model, scale=0.2)
+    whole = evaluation.run_windows(scheme, plan, baseline)
+    # 4 windows x 256 logits x 4 bytes x 10 positions: pieces of 10 of the 63 scored positions.
+    monkeypatch.setattr(evaluation, "SCORE_PIECE_BYTES", 4 * 256 * 4 * 10)
+    seen = []
+    log_probs_of = evaluation.next_token_log_probs_of
+    monkeypatch.setattr(evaluation, "next_token_log_probs_of", lambda x: seen.append(x.shape[1]) or log_probs_of(x))
+    pieces = evaluation.run_windows(scheme, plan, baseline)
+    # 63 = 6 x 10 + 3 per chunk of windows; a recomputed baseline's own log-probs are whole windows (63).
+    assert set(seen) == ({10, 3, 63} if baseline_kind == "recomputed" else {10, 3})
+    for field in ("nll", "baseline_nll", "kld", "top1_agree"):
+        assert torch.equal(getattr(pieces, field), getattr(whole, field)), field
+
+
 def test_float16_storage_moves_kl_and_the_paired_statistics_less_than_their_standard_errors(make_minigpt, tmp_path):
     model = make_minigpt()
     plan = EvalPlan(random_bytes(64 * 16), seq_len=64, batch_size=4)
