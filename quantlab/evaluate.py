@@ -83,7 +83,9 @@ def windows_per_chunk(seq_len: int, vocab_size: int) -> int:
 # NLL, KL, top-1) while its vocabulary-wide tensors are still in the CPU's cache, rather than one tensor
 # operation after another over a whole window (SmolLM2: 100 MB each), which waits on memory at every
 # step: benchmarks/bench_evaluate.py --smollm2 measures it. Every operation works row by row (position
-# by position), so the numbers are those of one whole-window step, bit for bit.
+# by position), so the numbers are those of one whole-window step; only a sum over a large vocabulary may
+# be split among threads differently for fewer rows (SmolLM2: kld_mean moves by 3e-11 of itself; on
+# MiniGPT's shapes bit for bit, tests/test_evaluate.py).
 SCORE_PIECE_BYTES = 2 << 20
 
 
