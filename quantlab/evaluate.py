@@ -415,11 +415,6 @@ class BaselineLogProbs:
         """Neither stored nor cached: ``for_windows`` runs the baseline model."""
         return self.stored is None and self.cached is None
 
-    def top1_for_windows(self, start: int, reference: torch.Tensor) -> torch.Tensor:
-        """The baseline's argmax tokens (B, T-1) for rows start..start+B: exact (from float32) when stored."""
-        stored = self.stored_top1_rows(start, len(reference))
-        return stored.to(reference.device) if stored is not None else reference.argmax(-1)
-
     def stored_top1_rows(self, start: int, n: int) -> Optional[torch.Tensor]:
         """The stored argmax tokens (n, T-1) of rows start..start+n, or None when nothing is stored."""
         if self.stored_top1 is None:
