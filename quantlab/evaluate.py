@@ -290,10 +290,10 @@ class BaselineLogProbs:
       temporary name and renamed into place, so a half-written file is never read; an existing file
       of the right shape is reused without running the baseline at all. KL and the paired statistics
       are then computed in float32 against float16-rounded baseline log-probs (``STORED_DTYPE``),
-      renormalised; top-1 agreement uses the baseline's exact argmax, stored beside them. The floor this sets (the baseline against its own
-      file, MiniGPT: KL 9e-8, ppl_gap 2e-6) is far below any integer scheme's standard errors but not
-      below an fp16 scheme's own KL (1.8e-7). A file larger than ``max_file_bytes`` is not written:
-      the two rules below apply instead.
+      renormalised; top-1 agreement uses the baseline's exact argmax, stored beside them. The floor
+      this sets (the baseline against its own file, MiniGPT: KL 9e-8, ppl_gap 2e-6) is far below any
+      integer scheme's standard errors but not below an fp16 scheme's own KL (1.8e-7). A file larger
+      than ``max_file_bytes`` is not written: the two rules below apply instead.
     - no path, all log-probs within ``max_cached_bytes``: computed here once and kept in memory (float32).
     - no path, larger: recomputed window batch by window batch during each evaluation (one baseline
       forward pass per window per scheme), so memory stays bounded by one batch.
@@ -511,6 +511,7 @@ def _score_chunk(model: LanguageModel, logits: torch.Tensor, windows: torch.Tens
                 raise ValueError(f"the baseline has {reference_rows.shape[-1]} logits per position and the model "
                                  f"{scored.shape[-1]}: KL divergence needs the same vocabulary")
         top1 = baseline.stored_top1_rows(start, len(windows))
+        top1 = None if top1 is None else top1.to(device)
     pieces = []
     step = positions_per_piece(len(windows), scored.shape[-1])
     for p in range(0, scored.shape[1], step):
@@ -521,7 +522,7 @@ def _score_chunk(model: LanguageModel, logits: torch.Tensor, windows: torch.Tens
             pieces.append((nll.cpu(),))
             continue
         reference = log_probs if reference_rows is None else baseline.log_probs_of(reference_rows[:, piece])
-        top = top1[:, piece].to(device) if top1 is not None else reference.argmax(-1)
+        top = top1[:, piece] if top1 is not None else reference.argmax(-1)
         pieces.append((nll.cpu(), token_nll(reference, targets[:, piece]).cpu(),
                        kl_per_position(reference, log_probs).cpu(), top1_agrees(log_probs, top).cpu()))
     joined = tuple(torch.cat(parts, dim=1) for parts in zip(*pieces))

@@ -212,10 +212,10 @@ def sensitivity_statistics(model, calibration: torch.Tensor, batch_size: int = 8
     next-token cross-entropy with respect to each output, scaled per token (n x dL/dy).
 
     A model that names its head (``head_names``: MiniGPT's and a transformers model's final norm and LM
-    head) is differentiated a block at a time, with each block's forward recomputed (activation checkpointing): a whole-model
-    backward holds every block's saved activations and the batch's vocabulary-wide logits at once,
-    which on SmolLM2 (4 x 512 windows) set a spec run's peak at 7.8 GB. Other models take one
-    whole-model backward per batch."""
+    head) is differentiated a block at a time, with each block's forward recomputed (activation
+    checkpointing): a whole-model backward holds every block's saved activations and the batch's
+    vocabulary-wide logits at once, which on SmolLM2 (4 x 512 windows) set a spec run's peak at 7.8 GB.
+    Other models take one whole-model backward per batch."""
     module = model.module
     names = model.all_linear_names()
     linears = {name: module.get_submodule(name) for name in names}

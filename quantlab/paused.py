@@ -61,13 +61,11 @@ class RetainedMemory:
     def __init__(self, budget: Optional[int] = None):
         self.budget = RETAINED_BYTES if budget is None else budget
         self.floor = resident_bytes()
-        self.trims = 0
 
     def release_if_over_budget(self) -> None:
         now = resident_bytes()
         if now is None or self.floor is None or now > self.floor + self.budget:
             return_free_memory()
-            self.trims += 1
             self.floor = resident_bytes()
 
 
