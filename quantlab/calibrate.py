@@ -472,11 +472,14 @@ def _quantize_blocks(quantized: QuantizedModel, calibration, heldout, solver: di
     heldout_batches = _first_block_inputs(model, heldout, batch_size)
     blocks = tqdm(range(len(model.blocks)), desc=f"{quantized.method} {quantized.scheme.describe()}",
                   unit="block", disable=not progress)
+    # The block runs' freed memory, handed back once past its budget: one budget for the whole model, so
+    # what one block's threads keep counts against the next block's too.
+    memory = RetainedMemory()
     for b in blocks:
         # An offloaded model's block is read once for its whole step (quantlab.offload); a no-op otherwise.
         with resident(model, b):
             calibration_batches, heldout_batches = _quantize_block(quantized, b, calibration_batches,
-                                                                   heldout_batches, solver)
+                                                                   heldout_batches, solver, memory)
             if offload_of(model) is not None:
                 quantized.replaced.update(_block_kept_values(model, b, set(quantized.qtensors), keep))
     # What the block runs' threads kept of the memory they freed (up to paused.RETAINED_BYTES) goes back
@@ -485,7 +488,7 @@ def _quantize_blocks(quantized: QuantizedModel, calibration, heldout, solver: di
 
 
 def _quantize_block(quantized: QuantizedModel, b: int, calibration_batches: list, heldout_batches: list,
-                    solver: dict) -> tuple:
+                    solver: dict, memory: RetainedMemory) -> tuple:
     """Quantize block ``b``'s Linears; returns the next block's (calibration, held-out) inputs."""
     model = quantized.base
     groups = _input_groups(model, b, calibration_batches)
@@ -495,18 +498,18 @@ def _quantize_block(quantized: QuantizedModel, b: int, calibration_batches: list
     for name in model.linear_names(b):
         if name not in grouped:
             _quantize_layer(quantized, name, None, None, solver, calibrated=bool(calibration_batches))
-    if all(group.called_once for group in groups):
-        step = _quantize_block_in_one_pass
-    else:
-        step = _quantize_block_by_reruns
     try:
-        return step(quantized, b, groups, calibration_batches, heldout_batches, solver)
+        if all(group.called_once for group in groups):
+            return _quantize_block_in_one_pass(quantized, b, groups, calibration_batches, heldout_batches, solver,
+                                               memory=memory)
+        return _quantize_block_by_reruns(quantized, b, groups, calibration_batches, heldout_batches, solver)
     finally:
         _restore_float_weights(quantized)
 
 
 def _quantize_block_in_one_pass(quantized: QuantizedModel, block_index: int, groups: list,
-                                calibration_batches: list, heldout_batches: list, solver: dict) -> tuple:
+                                calibration_batches: list, heldout_batches: list, solver: dict,
+                                memory: RetainedMemory) -> tuple:
     """Quantize one block's groups in order while every batch runs through the block once.
 
     Each batch runs on its own thread (a PausedRun) and stops at the first Linear of each group.
@@ -522,7 +525,6 @@ def _quantize_block_in_one_pass(quantized: QuantizedModel, block_index: int, gro
     """
     model = quantized.base
     group_of = {model.module.get_submodule(name): g for g, group in enumerate(groups) for name in group.names}
-    memory = RetainedMemory()   # the runs' freed memory, handed back once past its budget
     runs = [PausedRun(model, block_index, batch, memory) for batch in calibration_batches + heldout_batches]
     calibration_runs, heldout_runs = runs[:len(calibration_batches)], runs[len(calibration_batches):]
     phase = 0   # the group being collected and quantized

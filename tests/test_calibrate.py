@@ -301,7 +301,8 @@ def quantize_by_reruns(monkeypatch, *args, **kwargs):
     """quantize_model with every block quantized the way the pipeline did before the one-pass runs:
     the block rerun up to each group's input, then once more to propagate."""
     with monkeypatch.context() as patch:
-        patch.setattr(calibrate, "_quantize_block_in_one_pass", calibrate._quantize_block_by_reruns)
+        patch.setattr(calibrate, "_quantize_block_in_one_pass",
+                      lambda *args, memory: calibrate._quantize_block_by_reruns(*args))
         return quantize_model(*args, **kwargs)
 
 
@@ -447,6 +448,25 @@ def test_paused_runs_trim_with_no_budget_and_once_at_the_end_within_a_large_one_
         # after the last block. A large budget: only that one.
         assert len(trims) == (2 * 2 * 5 + 1 if budget == 0 else 1)
     assert all(torch.equal(codes[0][name], codes[1 << 40][name]) for name in codes[0])
+
+
+
+def test_the_trim_budget_bounds_what_the_paused_runs_keep_across_blocks_not_per_block(make_minigpt, monkeypatch):
+    import itertools
+
+    model = make_minigpt()
+    trims = []
+    step = 4096
+    growing = itertools.count(step=step)     # a resident set that grows at every reading
+    monkeypatch.setattr(paused, "resident_bytes", lambda: next(growing))
+    monkeypatch.setattr(paused, "return_free_memory", lambda: trims.append(True))
+    monkeypatch.setattr(calibrate, "return_free_memory", lambda: trims.append(True))
+    # One block's runs read the resident set 2 batches x 5 pauses = 10 times: a budget of 15 readings'
+    # growth is never passed within a block, and is passed in the second. A budget that started again
+    # at every block would let each block keep its own 15 on top of what the last one kept.
+    monkeypatch.setattr(paused, "RETAINED_BYTES", 15 * step)
+    quantize_model(model, INT4_G16, random_tokens(4), method="gptq", batch_size=2)
+    assert len(trims) == 2   # once in block 1, once after the last block
 
 
 # ----------------------------------------------------------------------------------------------
