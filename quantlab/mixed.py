@@ -209,7 +209,8 @@ def candidate_costs(shapes: dict, candidates: dict) -> dict:
 def sensitivity_statistics(model, calibration: torch.Tensor, batch_size: int = 8) -> dict:
     """{Linear name: (H (in, in), g (out,))} of the float ``model`` (a LanguageModel, unchanged) over the
     calibration windows (n, T): the input Hessian X^T X / n and the mean squared gradient of the mean
-    next-token cross-entropy with respect to each output, scaled per token (n x dL/dy).
+    next-token cross-entropy with respect to each output, scaled per token (n x dL/dy). Linears that read
+    the same input (q/k/v, gate/up) share one H tensor.
 
     A model that names its head (``head_names``: MiniGPT's and a transformers model's final norm and LM
     head) is differentiated a block at a time, with each block's forward recomputed (activation
@@ -223,17 +224,24 @@ def sensitivity_statistics(model, calibration: torch.Tensor, batch_size: int = 8
     blockwise = bool(model.head_names)
     n_tokens = 0
     handles = []
+    # The input the last Linear read and its H sum: Linears that read the same tensor one after the other
+    # (q/k/v, gate/up) share that one sum, computed and held once rather than once per Linear.
+    last = {"input": None, "sum": None}
 
     def capture(name):
         def hook(mod, args, output):
             # Block by block, a block runs twice per batch: H from the first (no gradient) run, the
             # output gradient from the recomputation.
             if not (blockwise and output.requires_grad):
-                x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float32)
-                H = x.t() @ x
-                # Added in place (the same rounding as sums + H): a new sum per Linear per batch left
-                # the freed ones scattered through the heap, and the resident set grew with them.
-                sums[name][0] = H if sums[name][0] is None else sums[name][0].add_(H)
+                if args[0] is last["input"] and (sums[name][0] is None or sums[name][0] is last["sum"]):
+                    sums[name][0] = last["sum"]
+                else:
+                    x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float32)
+                    H = x.t() @ x
+                    # Added in place (the same rounding as sums + H): a new sum per Linear per batch left
+                    # the freed ones scattered through the heap, and the resident set grew with them.
+                    sums[name][0] = H if sums[name][0] is None else sums[name][0].add_(H)
+                    last.update(input=args[0], sum=sums[name][0])
             if output.requires_grad:
                 def grad_hook(grad):
                     g = grad.detach().reshape(-1, grad.shape[-1]).to(torch.float32).square().sum(dim=0)
@@ -266,13 +274,21 @@ def sensitivity_statistics(model, calibration: torch.Tensor, batch_size: int = 8
                     loss.backward()
             n_tokens += batch[:, 1:].numel()
     finally:
+        last.clear()
         for h in handles:
             h.remove()
         for p, flag in requires.items():
             p.requires_grad_(flag)
     inputs_per_window = calibration.shape[1]   # the Hessian sees every position, the loss all but the last
     n_inputs = calibration.shape[0] * inputs_per_window
-    return {name: (H / n_inputs, g / n_tokens) for name, (H, g) in sums.items() if H is not None and g is not None}
+    statistics = {}
+    means = {}   # id(H sum) -> H / n_inputs: Linears that share a sum share its mean
+    for name, (H, g) in sums.items():
+        if H is not None and g is not None:
+            if id(H) not in means:
+                means[id(H)] = H / n_inputs
+            statistics[name] = (means[id(H)], g / n_tokens)
+    return statistics
 
 
 def _backward_block_by_block(model, batch: torch.Tensor) -> None:

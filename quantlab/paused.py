@@ -55,11 +55,13 @@ def resident_bytes() -> Optional[int]:
 class RetainedMemory:
     """Trims the C heap (return_free_memory) only once the resident set has grown more than ``budget``
     bytes past what the last trim left, so the freed memory the paused runs' arenas keep is bounded by
-    the budget without being faulted back in after every pause. Where the resident set cannot be read
-    it trims every time."""
+    the budget without being faulted back in after every pause. It starts with a trim, so what was freed
+    before (a mixed scheme's sensitivity Hessians) is not counted as live. Where the resident set cannot
+    be read it trims every time."""
 
     def __init__(self, budget: Optional[int] = None):
         self.budget = RETAINED_BYTES if budget is None else budget
+        return_free_memory()
         self.floor = resident_bytes()
 
     def release_if_over_budget(self) -> None:

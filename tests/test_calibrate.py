@@ -422,8 +422,9 @@ def test_retained_memory_hands_freed_memory_back_only_once_past_its_budget(monke
     trims = []
     monkeypatch.setattr(paused, "resident_bytes", lambda: next(readings))
     monkeypatch.setattr(paused, "return_free_memory", lambda: trims.append(True))
-    memory = RetainedMemory(budget=500)          # reads 1000: the floor
-    for expected_trims in (0, 1, 1, 2):          # reads 1100; 1600 > 1500 (then 1200); 1300; 1800 > 1700
+    memory = RetainedMemory(budget=500)          # trims, then reads 1000: the floor
+    assert len(trims) == 1                       # what was freed before it does not count as kept
+    for expected_trims in (1, 2, 2, 3):          # reads 1100; 1600 > 1500 (then 1200); 1300; 1800 > 1700
         memory.release_if_over_budget()
         assert len(trims) == expected_trims
     assert memory.floor == 1250                  # what the last trim left
@@ -444,9 +445,9 @@ def test_paused_runs_trim_with_no_budget_and_once_at_the_end_within_a_large_one_
         monkeypatch.setattr(paused, "RETAINED_BYTES", budget)
         result = quantize_model(model, INT4_G16, random_tokens(4), method="gptq", batch_size=2)
         codes[budget] = {name: q.codes for name, q in result.qtensors.items()}
-        # No budget: a trim after every pause, 2 blocks x 2 batches x (4 groups + the end), and the one
-        # after the last block. A large budget: only that one.
-        assert len(trims) == (2 * 2 * 5 + 1 if budget == 0 else 1)
+        # No budget: a trim after every pause, 2 blocks x 2 batches x (4 groups + the end), and the ones
+        # before the first block and after the last. A large budget: only those two.
+        assert len(trims) == (1 + 2 * 2 * 5 + 1 if budget == 0 else 2)
     assert all(torch.equal(codes[0][name], codes[1 << 40][name]) for name in codes[0])
 
 
@@ -466,7 +467,7 @@ def test_the_trim_budget_bounds_what_the_paused_runs_keep_across_blocks_not_per_
     # at every block would let each block keep its own 15 on top of what the last one kept.
     monkeypatch.setattr(paused, "RETAINED_BYTES", 15 * step)
     quantize_model(model, INT4_G16, random_tokens(4), method="gptq", batch_size=2)
-    assert len(trims) == 2   # once in block 1, once after the last block
+    assert len(trims) == 3   # before the first block, once in block 1, after the last block
 
 
 # ----------------------------------------------------------------------------------------------

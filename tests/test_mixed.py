@@ -153,6 +153,35 @@ def test_sensitivity_statistics_block_by_block_equal_one_whole_model_backward(ti
     assert [p.requires_grad for p in model.module.parameters()] == flags   # the model's flags are restored
 
 
+def test_sensitivity_statistics_share_one_hessian_among_linears_that_read_the_same_input(tiny_llama_dir):
+    from quantlab.calibrate import _input_groups, _first_block_inputs
+    from quantlab.mixed import sensitivity_statistics
+    from quantlab.models import load_model
+
+    model = load_model(f"hf:{tiny_llama_dir}")
+    windows = torch.randint(0, model.vocab_size, (5, 16), generator=torch.Generator().manual_seed(0))
+    stats = sensitivity_statistics(model, windows, batch_size=2)
+    groups = [group.names for b in range(len(model.blocks))
+              for group in _input_groups(model, b, _first_block_inputs(model, windows, 2))]
+    assert any(len(names) > 1 for names in groups)    # q/k/v and gate/up
+    for names in groups:
+        assert all(stats[name][0] is stats[names[0]][0] for name in names), names
+    firsts = [stats[names[0]][0] for names in groups]
+    assert len({id(H) for H in firsts}) == len(groups)   # one H per input, not one for all
+    # A shared H is the second moment of what the group's last Linear reads too.
+    last = next(names[-1] for names in groups if len(names) > 1)
+    seen = []
+    handle = model.module.get_submodule(last).register_forward_pre_hook(lambda m, a: seen.append(a[0].detach()))
+    try:
+        with torch.no_grad():
+            for batch in windows.split(2):
+                model.logits(batch)
+    finally:
+        handle.remove()
+    X = torch.cat([x.reshape(-1, x.shape[-1]) for x in seen])
+    torch.testing.assert_close(stats[last][0], X.T @ X / X.shape[0], rtol=1e-4, atol=1e-5)
+
+
 def test_sensitivity_statistics_never_hold_a_batch_of_logits(monkeypatch, tiny_llama_dir):
     from quantlab import evaluate as evaluation
     from quantlab.mixed import sensitivity_statistics
