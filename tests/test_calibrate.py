@@ -451,7 +451,6 @@ def test_paused_runs_trim_with_no_budget_and_once_at_the_end_within_a_large_one_
     assert all(torch.equal(codes[0][name], codes[1 << 40][name]) for name in codes[0])
 
 
-
 def test_the_trim_budget_bounds_what_the_paused_runs_keep_across_blocks_not_per_block(make_minigpt, monkeypatch):
     import itertools
 
