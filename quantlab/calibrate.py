@@ -508,7 +508,7 @@ def _quantize_block(quantized: QuantizedModel, b: int, calibration_batches: list
 
 
 def _quantize_block_in_one_pass(quantized: QuantizedModel, block_index: int, groups: list,
-                                calibration_batches: list, heldout_batches: list, solver: dict,
+                                calibration_batches: list, heldout_batches: list, solver: dict, *,
                                 memory: RetainedMemory) -> tuple:
     """Quantize one block's groups in order while every batch runs through the block once.
 

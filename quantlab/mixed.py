@@ -281,14 +281,12 @@ def sensitivity_statistics(model, calibration: torch.Tensor, batch_size: int = 8
             p.requires_grad_(flag)
     inputs_per_window = calibration.shape[1]   # the Hessian sees every position, the loss all but the last
     n_inputs = calibration.shape[0] * inputs_per_window
-    statistics = {}
-    means = {}   # id(H sum) -> H / n_inputs: Linears that share a sum share its mean
-    for name, (H, g) in sums.items():
-        if H is not None and g is not None:
-            if id(H) not in means:
-                means[id(H)] = H / n_inputs
-            statistics[name] = (means[id(H)], g / n_tokens)
-    return statistics
+    # Each sum becomes its mean in place, once however many Linears share it: a divided copy of every
+    # Hessian would hold them all twice at the end.
+    measured = {name: (H, g) for name, (H, g) in sums.items() if H is not None and g is not None}
+    for H in {id(H): H for H, _ in measured.values()}.values():
+        H.div_(n_inputs)
+    return {name: (H, g / n_tokens) for name, (H, g) in measured.items()}
 
 
 def _backward_block_by_block(model, batch: torch.Tensor) -> None:

@@ -97,7 +97,7 @@ class PausedRun:
     _local = threading.local()   # which run, if any, the current thread is
 
     def __init__(self, model: LanguageModel, block_index: int, batch: Batch, memory: RetainedMemory):
-        self.memory = memory    # shared by every block run of a calibration: trims what they free, past its budget
+        self.memory = memory    # shared by a calibration's block runs: trims what they free, past its budget
         self.position = self.NOT_STARTED   # the group index it is paused at; DONE when it has finished
         self.inputs: dict = {}               # group index -> the input tensor it stopped at
         self.output: Optional[torch.Tensor] = None
