@@ -21,10 +21,10 @@ and time, and that the offloaded and fully loaded runs agree (their perplexities
 from __future__ import annotations
 
 import argparse
-import gc
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -134,6 +134,16 @@ def _malloc_trim() -> None:
 
 
 def run(model_dir: Path, mode: str, args) -> dict:
+    """One mode's run; its scratch files (the baseline's log-probs, an offloaded model's codes) are
+    removed at the end, so repeated runs do not pile them up in the cache directory."""
+    scratch = Path(args.cache_dir) / f"scratch-{mode}-{os.getpid()}"
+    try:
+        return _run_phases(model_dir, mode, args, scratch)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _run_phases(model_dir: Path, mode: str, args, scratch: Path) -> dict:
     import torch
 
     from quantlab.calibrate import quantize_model
@@ -142,7 +152,6 @@ def run(model_dir: Path, mode: str, args) -> dict:
     from quantlab.models.hf import load_hf
     from quantlab.quant import FloatScheme, Scheme
 
-    scratch = Path(args.cache_dir) / f"scratch-{mode}-{os.getpid()}"
     phases, overall = {}, 0
 
     def phase(name, fn):
@@ -185,7 +194,6 @@ def run(model_dir: Path, mode: str, args) -> dict:
         print(f"  [{mode}] {name}: ppl {m['ppl']:.2f}  ppl_gap {m['ppl_gap']:.5f}  kld_mean {m['kld_mean']:.6f}",
               flush=True)
         quantized = None   # let go of its codes before the next scheme, as a spec run does
-        gc.collect()       # the quantized model's swapped view refers back to it: a cycle
     n_params = sum(p.numel() for p in model.module.parameters())
     return {"mode": mode, "params": n_params, "phases": phases, "peak_rss_gb": overall / 1e9, "metrics": metrics,
             "torch_threads": torch.get_num_threads(),
