@@ -32,6 +32,9 @@ def pytest_addoption(parser):
                          "spec runs; needs quantlab[ray]")
 
 
+# First among the plugins' pytest_configure hooks: pytest-html reads self_contained_html in its own, and
+# the order of the rest is the order in which their distributions are found on sys.path.
+@pytest.hookimpl(tryfirst=True)
 def pytest_configure(config):
     config.addinivalue_line("markers", "real_model: needs the SmolLM2-135M GGUF (pip-fetched into the cache)")
     config.addinivalue_line("markers", "quantlab_spec: a test generated from a quantlab YAML spec")
@@ -58,12 +61,14 @@ def pytest_configure(config):
         config.pluginmanager.register(HtmlHooks(config, _RUNS), "quantlab-html")
         if getattr(config.option, "htmlpath", None):
             config.option.self_contained_html = True  # plots are embedded: keep the report one file
-    if config.pluginmanager.hasplugin("metadata"):
-        from pytest_metadata.plugin import metadata_key
 
-        import quantlab
 
-        config.stash[metadata_key]["quantlab"] = quantlab.__version__
+@pytest.hookimpl(optionalhook=True)
+def pytest_metadata(metadata: dict, config) -> None:
+    """pytest-metadata's hook (its Environment table in the HTML report): the quantlab version."""
+    import quantlab
+
+    metadata["quantlab"] = quantlab.__version__
 
 
 def pytest_collect_file(file_path: Path, parent):

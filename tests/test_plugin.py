@@ -4,6 +4,8 @@ import json
 
 import pytest
 
+import quantlab
+
 pytest_plugins = ["pytester"]
 
 # A spec small enough to run in seconds: the committed MiniGPT, 4 calibration windows, 2k eval tokens.
@@ -123,6 +125,23 @@ def test_the_html_report_embeds_the_metrics_table_and_plots(project):
     assert "data:image/png;base64" in html
     assert (project.path / "out" / "tiny" / "results.json").is_file()
     assert (project.path / "out" / "tiny" / "manifest.json").is_file()
+
+
+def test_the_html_report_is_one_file_with_its_stylesheet_inlined_whatever_the_plugin_order(project, monkeypatch):
+    # A report copied out of CI alone must keep its styling: no assets/ folder beside it to lose.
+    # Entry-point plugins register in the order their distributions are found on sys.path, which the
+    # working directory changes (a checkout's quantlab.egg-info comes first): register quantlab before
+    # pytest-html here, the order in which pytest-html configured itself before quantlab asked for one file.
+    monkeypatch.setenv("PYTEST_DISABLE_PLUGIN_AUTOLOAD", "1")
+    write_spec(project)
+    result = project.runpytest_subprocess("-p", "quantlab", "-p", "metadata", "-p", "html", "-p", "html_fixtures",
+                                          "specs", "-k", "report", "--html=report.html")
+    result.assert_outcomes(passed=1)
+    html = (project.path / "report.html").read_text()
+    assert "assets/style.css" not in html
+    assert not (project.path / "assets").exists()
+    # The environment table names quantlab's version (pytest-metadata's hook, escaped JSON in the page).
+    assert f"&#34;quantlab&#34;: &#34;{quantlab.__version__}&#34;" in html
 
 
 def without_rtn_scheme(text):
